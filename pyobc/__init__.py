@@ -19,6 +19,11 @@ _LAZY = {
     "ops": ("pyobc.ops", None),
     "models": ("pyobc.models", None),
     "datasets": ("pyobc.datasets", None),
+    "score": ("pyobc.scoring.engine", "score"),
+    "Scores": ("pyobc.scores", "Scores"),
+    "methods": ("pyobc.criteria", "methods"),
+    "build_groups": ("pyobc.grouping", "build_groups"),
+    "info": ("pyobc.info", "info"),
 }
 
 

@@ -1,0 +1,29 @@
+"""Magnitude: the p-norm (to the p) of every weight removed with a channel. Needs no data."""
+from __future__ import annotations
+
+from . import register
+from .base import Criterion, Result
+
+
+@register
+class Magnitude(Criterion):
+    """``sum_{i in s} |theta_i|^p`` over every parameter of the group (p = 1 or 2)."""
+
+    name = "magnitude"
+    description = "weight magnitude: sum of |theta|^p over every parameter removed with the channel (no data)"
+    granularities = ("channel", "weight")
+    needs_data = False
+    defaults = {"p": 2}
+
+    def validate(self) -> None:
+        self._choice("p", (1, 2))
+
+    def finalize(self) -> Result:
+        theta, layout, p = self.ctx.theta, self.ctx.layout, self.opts["p"]
+        # sum |theta|^p = sum theta * theta (p=2) or theta * sign(theta) (p=1): the shared pair reduction
+        other = {n: (t if p == 2 else t.sign()) for n, t in theta.items()}
+        channel = layout.split(layout.group_sum(self.channels(theta, other)))
+        parameter = None
+        if self.ctx.granularity == "weight":
+            parameter = {n: t.abs() ** p for n, t in theta.items()}
+        return Result(channel, parameter)

@@ -1,0 +1,39 @@
+"""Optimal Brain Damage (LeCun et al., 1989) with the diagonal empirical Fisher."""
+from __future__ import annotations
+
+from . import register
+from .base import Criterion, PerSamplePass, Result
+
+
+@register
+class OBD(Criterion):
+    """``1/2 sum_{i in s} theta_i^2 F_ii`` with ``F_ii`` the mean over samples of the squared per-sample
+    gradient. Per-sample gradients are never looped over in Python: linear layers use
+    ``(G^2)^T (X^2)``, convs one batched weight-gradient call, norms closed forms.
+
+    Per-weight scores (``granularity="weight"``): ``1/2 theta_i^2 F_ii``.
+    """
+
+    name = "obd"
+    description = "Optimal Brain Damage: 1/2 theta^2 times the diagonal empirical Fisher, summed per group"
+    granularities = ("channel", "weight")
+
+    def update(self, batch) -> None:
+        sp = PerSamplePass(self.ctx, batch, params=self.wanted_params())
+        for n, f in sp.sq_grad_sums().items():
+            self.add(f"F:{n}", f)
+        self.add("samples", batch.size)
+
+    def fisher(self) -> dict[str, "torch.Tensor"]:
+        ns = self.count("samples")
+        return {k[2:]: v / ns for k, v in self.acc.items() if k.startswith("F:")}
+
+    def finalize(self) -> Result:
+        theta, layout = self.ctx.theta, self.ctx.layout
+        fisher = self.fisher()
+        half = {n: 0.5 * theta[n] * f for n, f in fisher.items()}
+        channel = layout.split(layout.group_sum(self.channels(theta, half)))
+        parameter = None
+        if self.ctx.granularity == "weight":
+            parameter = {n: theta[n] * h for n, h in half.items()}
+        return Result(channel, parameter)

@@ -1,0 +1,293 @@
+"""Channel gates: second-order structure scores without weight gradients.
+
+Every group member gets a vector of multiplicative gates ``alpha`` (value 1, so the network is
+unchanged) on the channels it owns: a conv/linear layer's output channels (``W[c]``, ``b[c]``), its
+input channels (``W[:, i]``), a norm layer's output channels (``gamma_c``, ``beta_c``). Multiplying a
+channel of the activation by ``alpha_c`` is the same as multiplying that channel's parameters, so
+
+    dL/d alpha_s            = theta_s^T g                   (first order)
+    d^2 L/ d alpha_s d eps  = theta_s^T H v + [shared] theta_s^T g
+
+where ``eps`` is a scalar that scales the parameters in ``v`` (e.g. ``v = theta`` on every conv/linear
+layer: scale each such layer's output by ``1 + eps``), and ``[shared]`` is 1 when the member's own
+parameters are among those ``eps`` scales (the product ``alpha (1 + eps)`` is bilinear). Both come
+from two reverse passes in which *no parameter requires grad*, so autograd never computes the
+weight-gradient convolutions; the cost stays a small multiple of one forward+backward, flat in depth.
+
+Members that are not conv/linear/norm layers (attention projections, embeddings, bare parameters)
+get their gates on the parameters themselves (``theta' = theta * gate`` along the member's axis),
+which costs weight-gradient work for those parameters only.
+
+Gates may be per sample (``(N, C)``) for criteria that need per-sample structure derivatives (SOSP-I).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..grouping import IN_AXIS, Member
+from .engine import Batch, Context
+from .layout import Layout
+from .per_sample import channel_dim, supports_activation_rows
+
+__all__ = ["GatedModel", "gate_layout", "linear_modules", "second_order_mode"]
+
+_LINEAR = (nn.Linear, nn.modules.conv._ConvNd)
+_NORM = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv and linear layers (the ones whose outputs are affine in their own parameters)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _LINEAR) and not getattr(m, "transposed", False)}
+
+
+def _channels(module: nn.Module, role: str) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if role == "out" else module.in_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    return module.num_features
+
+
+def _activation_source(modules: Mapping[str, nn.Module], called: set[str]):
+    def source(m: Member) -> tuple[str, str, int] | None:
+        module = modules.get(m.module)
+        if module is None or m.module not in called or not supports_activation_rows(m.kind, module):
+            return None
+        role = "in" if m.kind == "in" else "out"
+        return (m.module, role, _channels(module, role))
+    return source
+
+
+def gate_layout(ctx: Context) -> Layout:
+    """The layout whose sources are the gates: activation gates where possible, parameter gates else."""
+    if getattr(ctx, "_gate_layout", None) is None:
+        ctx._gate_layout = Layout(ctx.groups, ctx.params, activation=_activation_source(ctx.modules, ctx.called))
+    return ctx._gate_layout
+
+
+def _view_at(vec: torch.Tensor, like: torch.Tensor, dim: int, per_sample: bool) -> torch.Tensor:
+    """Reshape gates ``(C,)`` or ``(N, C)`` to broadcast against ``like`` along channel ``dim``."""
+    shape = [1] * like.dim()
+    shape[dim % like.dim()] = vec.shape[-1]
+    if per_sample:
+        shape[0] = vec.shape[0]
+    return vec.view(shape)
+
+
+def _param_multiplier(gate: torch.Tensor, shape: torch.Size, axis: int, groups: int) -> torch.Tensor:
+    """Broadcastable multiplier applying ``gate`` along ``axis`` of a parameter of ``shape``."""
+    if len(shape) <= 1:
+        return gate
+    if axis == IN_AXIS:
+        o, ig = shape[0], shape[1]
+        og = o // groups
+        idx = (torch.arange(o, device=gate.device) // og).unsqueeze(1) * ig + torch.arange(ig, device=gate.device)
+        mult = gate[idx]  # (O, I/groups)
+        return mult.view(o, ig, *([1] * (len(shape) - 2)))
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return gate.view(view)
+
+
+class GatedModel:
+    """One forward pass of ``ctx.model`` with gates on every member and an optional ``eps`` scaling.
+
+    Args:
+        ctx: the scoring context.
+        eps_scope: which parameters ``eps`` scales: ``"linear"`` (v = theta on every conv/linear weight
+            and bias; OBA's default), ``"all"`` (every parameter; OBA with the full Hessian), ``"members"``
+            (the parameters of prunable structures; SOSP), or None (no ``eps``).
+        per_sample: batch size for per-sample gates, else None.
+
+    After :meth:`run`, ``gates`` are the gate leaves in layout source order and ``eps`` the scalar.
+
+    Example (inside a criterion)::
+
+        gm = GatedModel(ctx, eps_scope="linear")
+        loss, logits = gm.run(batch)
+        first = torch.autograd.grad(loss, gm.gates)          # theta_s^T g per gate
+        member_values = gm.members(first)                     # -> member channels
+    """
+
+    def __init__(self, ctx: Context, eps_scope: str | None = None, per_sample: int | None = None,
+                 dtype: torch.dtype | None = None):
+        self.ctx = ctx
+        self.layout = gate_layout(ctx)
+        self.per_sample = per_sample
+        self.eps_scope = eps_scope
+        dtype = dtype or next(iter(ctx.params.values())).dtype
+        self.dtype = dtype
+        lead = () if per_sample is None else (per_sample,)
+        self.gates: list[torch.Tensor] = [
+            torch.ones(lead + (self.layout.source_lengths[k],), dtype=dtype, device=ctx.device, requires_grad=True)
+            for k in self.layout.source_keys]
+        self.eps = torch.zeros((), dtype=dtype, device=ctx.device, requires_grad=True) if eps_scope else None
+        self._by_key = dict(zip(self.layout.source_keys, self.gates))
+        self.shared = self._shared_mask()
+
+    # -- what eps scales --------------------------------------------------------------------------
+    def _eps_params(self) -> set[str]:
+        ctx = self.ctx
+        if self.eps_scope == "all":
+            return set(ctx.params)
+        if self.eps_scope == "linear":
+            # v = theta on conv/linear weights and biases; also on parameters that are neither norm
+            # nor conv/linear (attention projections, embeddings, bare parameters)
+            norm_params = {f"{n}.{k}" if n else k for n, m in ctx.modules.items() if isinstance(m, _NORM)
+                           for k, _ in m.named_parameters(recurse=False)}
+            return set(ctx.params) - norm_params
+        if self.eps_scope == "members":
+            return {s.param for g in ctx.groups for m in g.members for s in m.slices}
+        return set()
+
+    def _module_eps(self, eps_params: set[str]) -> tuple[dict[str, str], set[str]]:
+        """Modules whose output is scaled as a whole ("all") or without bias ("weight"); the
+        remaining eps parameters are scaled in parameter space."""
+        out: dict[str, str] = {}
+        covered: set[str] = set()
+        for name, module in self.ctx.modules.items():
+            if not isinstance(module, _LINEAR + _NORM) or getattr(module, "transposed", False):
+                continue
+            if name not in self.ctx.called:  # e.g. attention's out_proj: its weights are read directly
+                continue
+            if isinstance(module, _NORM) and isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+                continue
+            own = {k: (f"{name}.{k}" if name else k) for k, _ in module.named_parameters(recurse=False)}
+            if not own:
+                continue
+            inside = {k for k, q in own.items() if q in eps_params}
+            if inside == set(own):
+                out[name] = "all"
+            elif isinstance(module, _LINEAR) and inside == {"weight"}:
+                out[name] = "weight"
+            else:
+                continue
+            covered |= {own[k] for k in inside}
+        return out, eps_params - covered
+
+    def _shared_mask(self) -> torch.Tensor:
+        """Per member channel: 1 where the member's parameters are (all) scaled by eps."""
+        if self.eps is None:
+            return torch.zeros(self.layout.num_members, dtype=self.dtype, device=self.ctx.device)
+        eps_params = self._eps_params()
+        mask = torch.zeros(self.layout.num_members, dtype=self.dtype)
+        for g, offs in zip(self.ctx.groups, self.layout.member_offsets):
+            for m, off in zip(g.members, offs):
+                if all(s.param in eps_params for s in m.slices):
+                    mask[off:off + g.size] = 1
+        return mask.to(self.ctx.device)
+
+    # -- the pass -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _hooks(self, module_eps: Mapping[str, str]) -> Iterator[None]:
+        handles = []
+        per_sample = self.per_sample is not None
+        act_out = {k[1]: g for k, g in self._by_key.items() if k[0] == "act" and k[2] == "out"}
+        act_in = {k[1]: g for k, g in self._by_key.items() if k[0] == "act" and k[2] == "in"}
+        eps = self.eps
+
+        for name, module in self.ctx.modules.items():
+            g_in = act_in.get(name)
+            g_out = act_out.get(name)
+            how = module_eps.get(name)
+            if g_in is None and g_out is None and how is None:
+                continue
+            d = channel_dim(module)
+            if g_in is not None:
+                def pre(mod, args, g=g_in, d=d):
+                    x = args[0]
+                    return (x * _view_at(g, x, d, per_sample),) + tuple(args[1:])
+                handles.append(module.register_forward_pre_hook(pre))
+            if g_out is not None or how is not None:
+                def post(mod, args, y, g=g_out, d=d, how=how):
+                    if how == "all":
+                        y = y * (1 + eps)
+                    elif how == "weight":  # bias not scaled: y + eps * (y - b)
+                        b = mod.bias
+                        y = y + eps * (y - _view_at(b, y, d, False)) if b is not None else y * (1 + eps)
+                    if g is not None:
+                        y = y * _view_at(g, y, d, per_sample)
+                    return y
+                handles.append(module.register_forward_hook(post))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _params(self, param_eps: set[str]) -> dict[str, torch.Tensor]:
+        """Parameter values with parameter-space gates and eps applied (plain tensors otherwise)."""
+        theta = dict(self.ctx.theta)
+        for key, gate in self._by_key.items():
+            if key[0] != "param":
+                continue
+            _, name, axis = key
+            if self.per_sample is not None:
+                raise NotImplementedError(
+                    f"per-sample gates on parameter {name!r}: only conv/linear/norm members support them")
+            t = theta[name]
+            theta[name] = t * _param_multiplier(gate, t.shape, axis, self.layout.source_groups[key])
+        for name in param_eps:
+            theta[name] = theta[name] * (1 + self.eps)
+        return theta
+
+    def run(self, batch: Batch) -> tuple[torch.Tensor, list]:
+        """Forward the batch; returns the loss and the model's output(s) of that call."""
+        module_eps, param_eps = self._module_eps(self._eps_params()) if self.eps is not None else ({}, set())
+        params = self._params(param_eps)
+        outputs: list = []
+        with self._hooks(module_eps), second_order_mode():
+            loss = self.ctx.loss(batch, params=params, outputs=outputs)
+        return loss, outputs
+
+    def members(self, gate_grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """Gate gradients (in gate order; None = zero) gathered into member channels."""
+        lead = () if self.per_sample is None else (self.per_sample,)
+        flat = torch.cat([g.reshape(lead + (-1,)) if g is not None else torch.zeros_like(t)
+                          for g, t in zip(gate_grads, self.gates)], dim=-1)
+        return self.layout.members(flat)
+
+
+def _composite_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    centered = x - mean
+    y = centered * torch.rsqrt((centered * centered).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class _ExactSecondOrder(torch.overrides.TorchFunctionMode):
+    """Routes ``F.layer_norm`` through elementary ops whose derivatives autograd composes exactly.
+
+    PyTorch's fused LayerNorm backward has a wrong derivative of its weight gradient with respect to
+    the input (the Hessian it implies is not symmetric; compare pytorch/pytorch#196700 and #175754 for
+    the same family of defects). pyobc's tests check against finite differences.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm:
+            return _composite_layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def second_order_mode() -> Iterator[None]:
+    """Context for passes that differentiate twice: exact LayerNorm, and the math attention backend
+    (the fused SDPA kernels have no double backward on CPU)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), _ExactSecondOrder():
+        yield

@@ -1,0 +1,225 @@
+"""Index maps from parameter-axis sums to member channels to group channels.
+
+Every criterion pyobc implements ends in the same reduction: take two parameter-shaped tensors (the
+weights and a gradient, a Hessian-vector product, a Fisher diagonal...), sum their product along one
+axis of each parameter ("axis sums"), gather the entries that belong to each group member and add them
+into the member's row of root channels, then combine members into group scores. :class:`Layout` builds
+the index maps once per model so each batch costs a handful of kernel calls instead of a Python loop
+over dependencies.
+
+Levels (all flat float vectors, optionally with a leading row dimension):
+    sources  — concatenated axis sums, one block per (parameter, axis) the groups touch
+    members  — one block of ``group.size`` channels per member of every group
+    groups   — one block of ``group.size`` channels per group
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .. import ops
+from ..grouping import IN_AXIS, Group, Member
+
+__all__ = ["Layout", "axis_sums"]
+
+
+def _norm_axis(axis: int, ndim: int, groups: int) -> tuple[int, int]:
+    """Canonical (axis, groups): axis 1 of a >=2-D weight is the (group-expanded) input axis."""
+    if axis == IN_AXIS:
+        return IN_AXIS, groups
+    if axis < 0:
+        axis += ndim
+    if axis == 1 and ndim >= 2:
+        return IN_AXIS, groups
+    return axis, 1
+
+
+def axis_sums(a: torch.Tensor, b: torch.Tensor, axes: Sequence[int], groups: int = 1) -> dict[int, torch.Tensor]:
+    """Sums of ``a * b`` over every dim but one, for each requested axis (``IN_AXIS`` = input channels).
+
+    Axes 0 and ``IN_AXIS`` of a weight come from one pass of :func:`pyobc.ops.weight_channel_sums`;
+    other axes use :func:`pyobc.ops.channel_dot`; 1-D parameters are an elementwise product.
+    """
+    out: dict[int, torch.Tensor] = {}
+    if a.dim() <= 1:
+        prod = (a * b).reshape(-1)
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        out[0] = prod.to(acc)
+        return out
+    wanted = set(axes)
+    if wanted & {0, IN_AXIS}:
+        o, i = ops.weight_channel_sums(a, b, groups)
+        if 0 in wanted:
+            out[0] = o
+        if IN_AXIS in wanted:
+            out[IN_AXIS] = i
+    for axis in wanted - {0, IN_AXIS}:
+        out[axis] = ops.channel_dot(a, b, axis)
+    return out
+
+
+class Layout:
+    """Index maps for a list of groups over a model's named parameters.
+
+    Args:
+        groups: the groups to score (from :func:`pyobc.grouping.build_groups`).
+        params: qualified parameter name -> tensor (only shapes are read).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from pyobc.grouping import build_groups
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> layout = Layout(build_groups(net, torch.randn(2, 4)), dict(net.named_parameters()))
+        >>> theta = {n: p.detach() for n, p in net.named_parameters()}
+        >>> per_group = layout.split(layout.group_sum(layout.members(layout.sources(theta, theta))))
+        >>> per_group[0].shape  # sum of squares of every weight removed with each of the 8 channels
+        torch.Size([8])
+    """
+
+    def __init__(self, groups: Sequence[Group], params: Mapping[str, torch.Tensor],
+                 activation: Callable[[Member], tuple[str, str, int] | None] | None = None):
+        """``activation(member)`` may return ``(module, role, channels)`` to take that member's values
+        from an activation-space source (role ``"out"`` or ``"in"`` of the module, ``channels`` long,
+        indexed by ``member.index``) instead of its parameter slices."""
+        self.groups = list(groups)
+        # sources, in first-seen order: ("param", name, axis) -> groups, ("act", module, role) -> channels
+        keys: dict[tuple, int] = {}
+        lengths: dict[tuple, int] = {}
+        plan: list[list[tuple[tuple, torch.Tensor, torch.Tensor]]] = []  # per member: (key, index, root)
+        for g in self.groups:
+            for m in g.members:
+                act = activation(m) if activation is not None else None
+                entries = []
+                if act is not None:
+                    key = ("act", act[0], act[1])
+                    lengths[key] = int(act[2])
+                    keys.setdefault(key, 1)
+                    entries.append((key, m.index, m.root))
+                else:
+                    for sl in m.slices:
+                        if sl.param not in params:
+                            raise KeyError(f"group {g.root!r} refers to unknown parameter {sl.param!r}")
+                        shape = params[sl.param].shape
+                        axis, grp = _norm_axis(sl.axis, len(shape), sl.groups)
+                        key = ("param", sl.param, axis)
+                        keys[key] = grp
+                        if len(shape) <= 1:
+                            lengths[key] = shape.numel()
+                        elif axis == IN_AXIS:
+                            lengths[key] = shape[1] * grp
+                        else:
+                            lengths[key] = shape[axis]
+                        entries.append((key, sl.index, sl.root))
+                plan.append(entries)
+        self.source_keys: list[tuple] = list(keys)
+        self.source_groups: dict[tuple, int] = {k: v for k, v in keys.items() if k[0] == "param"}
+        self.source_offsets: dict[tuple, int] = {}
+        n = 0
+        for key in self.source_keys:
+            self.source_offsets[key] = n
+            n += int(lengths[key])
+        self.source_lengths = lengths
+        self.num_sources = n
+
+        src, dst, member_group = [], [], []
+        self.member_offsets: list[list[int]] = []
+        self.group_offsets: list[int] = []
+        moff = goff = 0
+        it = iter(plan)
+        for g in self.groups:
+            self.group_offsets.append(goff)
+            offs = []
+            for m in g.members:
+                offs.append(moff)
+                for key, index, root in next(it):
+                    src.append(self.source_offsets[key] + index)
+                    dst.append(moff + root)
+                member_group.append(torch.arange(goff, goff + g.size))
+                moff += g.size
+            self.member_offsets.append(offs)
+            goff += g.size
+        self.num_members = moff
+        self.num_channels = goff
+        self.group_offsets.append(goff)
+        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+        self.src = cat(src)
+        self.dst = cat(dst)
+        self.member_group = cat(member_group)  # member channel -> group channel
+        self._device_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    # -- index tensors on the data's device ----------------------------------------------------------
+    def _idx(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if device not in self._device_cache:
+            self._device_cache[device] = (self.src.to(device), self.dst.to(device), self.member_group.to(device))
+        return self._device_cache[device]
+
+    @property
+    def params(self) -> list[str]:
+        """Parameters whose slices are sources, in layout order."""
+        return list(dict.fromkeys(k[1] for k in self.source_keys if k[0] == "param"))
+
+    def sources(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Axis sums of ``a[p] * b[p]`` for every parameter source, concatenated (the sources level).
+
+        A parameter missing from ``b`` (no gradient reached it) contributes zeros. Only for layouts
+        whose sources are all parameter slices.
+        """
+        by_param: dict[str, dict[int, int]] = {}
+        for key in self.source_keys:
+            if key[0] != "param":
+                raise ValueError("sources(a, b) needs a parameter-only layout")
+            by_param.setdefault(key[1], {})[key[2]] = self.source_groups[key]
+        sums_of: dict[tuple, torch.Tensor] = {}
+        for name, axes in by_param.items():
+            ta = a[name]
+            tb = b.get(name)
+            if tb is None:
+                tb = torch.zeros_like(ta)
+            for axis, t in axis_sums(ta, tb, list(axes), groups=axes.get(IN_AXIS, 1)).items():
+                sums_of[("param", name, axis)] = t
+        return torch.cat([sums_of[k] for k in self.source_keys])
+
+    def members(self, sources: torch.Tensor) -> torch.Tensor:
+        """Gather sources into member channels; works on ``(S,)`` or row-batched ``(R, S)`` input."""
+        src, dst, _ = self._idx(sources.device)
+        shape = sources.shape[:-1] + (self.num_members,)
+        out = sources.new_zeros(shape)
+        return out.index_add_(-1, dst, sources.index_select(-1, src))
+
+    def group_sum(self, members: torch.Tensor) -> torch.Tensor:
+        """Sum member channels into group channels (``(..., M) -> (..., C)``)."""
+        _, _, mg = self._idx(members.device)
+        out = members.new_zeros(members.shape[:-1] + (self.num_channels,))
+        return out.index_add_(-1, mg, members)
+
+    def group_mean_nonzero(self, members: torch.Tensor) -> torch.Tensor:
+        """Mean over the members whose value is non-zero, per group channel (OBA's group reduction)."""
+        total = self.group_sum(members)
+        count = self.group_sum((members != 0).to(members.dtype))
+        return total / count.clamp_min(1)
+
+    def group_amax(self, members: torch.Tensor) -> torch.Tensor:
+        """Maximum over members per group channel (``(M,) -> (C,)``)."""
+        _, _, mg = self._idx(members.device)
+        out = members.new_full((self.num_channels,), float("-inf"))
+        return out.scatter_reduce(0, mg, members, reduce="amax")
+
+    def group_max(self, channels: torch.Tensor) -> torch.Tensor:
+        """Per-group maximum broadcast back to each channel of the group (``(C,) -> (C,)``)."""
+        sizes = torch.tensor([g.size for g in self.groups], device=channels.device)
+        group_of = torch.repeat_interleave(torch.arange(len(self.groups), device=channels.device), sizes)
+        gmax = channels.new_full((len(self.groups),), float("-inf"))
+        gmax = gmax.scatter_reduce(0, group_of, channels, reduce="amax")
+        return gmax.index_select(0, group_of)
+
+    def split(self, channels: torch.Tensor) -> list[torch.Tensor]:
+        """Per-group views of a group-channel vector."""
+        return [channels[..., a:b] for a, b in zip(self.group_offsets[:-1], self.group_offsets[1:])]
+
+    def member_blocks(self, members: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per group, per member views of a member-channel vector."""
+        out = []
+        for g, offs in zip(self.groups, self.member_offsets):
+            out.append([members[..., o:o + g.size] for o in offs])
+        return out

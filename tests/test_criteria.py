@@ -1,0 +1,238 @@
+"""First-order criteria and OBD against independent computations on tiny float64 nets.
+
+The expected values are written out by hand from the network's structure (which weights go with which
+channel), and gradients come from plain autograd or per-sample Python loops — never from pyobc's own
+grouping, layout or per-sample machinery.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyobc
+
+torch.set_default_dtype(torch.float64)
+
+
+class Tiny(nn.Module):
+    """conv1(3->4)+bn1 -> relu -> conv2(4->5)+bn2 -> relu -> flatten -> fc(5*4*4 -> 3).
+
+    Groups: conv1 channel c = {conv1.W[c], conv1.b[c], bn1[c], conv2.W[:, c]};
+            conv2 channel c = {conv2.W[c], conv2.b[c], bn2[c], fc.W[:, 16c:16c+16]}.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5 * 4 * 4, 3)
+        with torch.no_grad():  # non-trivial BN so that its terms matter
+            for bn in (self.bn1, self.bn2):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.3, 0.3)
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+def member_dots(model: Tiny, grads: dict) -> dict[str, list[torch.Tensor]]:
+    """Per group (root name), per member, per channel: <grad, theta> over the member's weights."""
+    p = dict(model.named_parameters())
+    d = {n: (p[n].detach() * grads[n]) for n in p}
+    g1 = [
+        d["conv1.weight"].sum((1, 2, 3)) + d["conv1.bias"],
+        d["bn1.weight"] + d["bn1.bias"],
+        d["conv2.weight"].sum((0, 2, 3)),
+    ]
+    g2 = [
+        d["conv2.weight"].sum((1, 2, 3)) + d["conv2.bias"],
+        d["bn2.weight"] + d["bn2.bias"],
+        d["fc.weight"].sum(0).view(5, 16).sum(1),
+    ]
+    return {"conv1": g1, "conv2": g2}
+
+
+def weight_grads(model, x, y, loss_extra=None):
+    model.eval()
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(model(x), y)
+    if loss_extra is not None:
+        loss = loss + loss_extra(model)
+    gs = torch.autograd.grad(loss, list(params.values()))
+    return dict(zip(params, gs))
+
+
+@pytest.fixture()
+def setup():
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(12, 3, 4, 4)
+    y = torch.randint(0, 3, (12,))
+    loader = [(x[:5], y[:5]), (x[5:], y[5:])]
+    return model, x, y, loader
+
+
+def _by_root(scores):
+    out = scores.by_module()
+    assert set(out) == {"conv1", "conv2"}, out.keys()
+    return out
+
+
+def test_groups_of_tiny_net(setup):
+    model, x, _, _ = setup
+    groups = {g.root: g for g in pyobc.build_groups(model, x[:2])}
+    assert set(groups) == {"conv1", "conv2"}
+    kinds = sorted((m.module, m.kind) for m in groups["conv2"].members)
+    assert kinds == [("bn2", "norm"), ("conv2", "out"), ("fc", "in")]
+    fc = next(m for m in groups["conv2"].members if m.module == "fc")
+    assert torch.equal(fc.root, torch.arange(80) // 16)  # flatten: 16 features per conv2 channel
+
+
+def test_jacobian_batch_rows_vs_weight_gradients(setup):
+    model, _, _, loader = setup
+    expected = {"conv1": 0, "conv2": 0}
+    for xb, yb in loader:  # one row per mini-batch: sum over members and rows of <g, w>^2
+        dots = member_dots(model, weight_grads(model, xb, yb))
+        for root, members in dots.items():
+            expected[root] = expected[root] + sum(m ** 2 for m in members)
+    got = _by_root(pyobc.score(model, loader, "jacobian"))
+    for root in expected:
+        torch.testing.assert_close(got[root].double(), expected[root], rtol=1e-9, atol=1e-14)
+    # the alias from the paper's name gives the same result
+    alias = pyobc.score(model, loader, "obc").by_module()
+    torch.testing.assert_close(alias["conv1"], got["conv1"])
+
+
+def test_jacobian_sample_rows_vs_brute_force_loop(setup):
+    model, x, y, loader = setup
+    expected = {"conv1": 0, "conv2": 0}
+    for n in range(x.shape[0]):  # gradient of each single sample's loss
+        dots = member_dots(model, weight_grads(model, x[n:n + 1], y[n:n + 1]))
+        for root, members in dots.items():
+            expected[root] = expected[root] + sum(m ** 2 for m in members)
+    got = _by_root(pyobc.score(model, loader, "jacobian", rows="sample"))
+    for root in expected:
+        torch.testing.assert_close(got[root].double(), expected[root], rtol=1e-9, atol=1e-14)
+
+
+def test_taylor_group_form_and_batch_mean(setup):
+    model, _, _, loader = setup
+    per_batch = []
+    for xb, yb in loader:
+        dots = member_dots(model, weight_grads(model, xb, yb))
+        per_batch.append({r: sum(m) ** 2 for r, m in dots.items()})  # square of the whole group's sum
+    got = _by_root(pyobc.score(model, loader, "taylor"))
+    for root in ("conv1", "conv2"):
+        expected = (per_batch[0][root] + per_batch[1][root]) / 2  # mean over batches
+        torch.testing.assert_close(got[root].double(), expected, rtol=1e-9, atol=1e-14)
+    # each batch alone gives its own term: the combination over the loader is their mean
+    singles = [_by_root(pyobc.score(model, [b], "taylor")) for b in loader]
+    torch.testing.assert_close(got["conv1"], (singles[0]["conv1"] + singles[1]["conv1"]) / 2)
+
+
+def test_taylor_sees_batchnorm_gradients(setup):
+    """A loss term that moves only BatchNorm gradients must move the Taylor score of bn1's group.
+
+    (Torch-Pruning 1.6.1's Taylor importance ignores BatchNorm gradients; pyobc must not.)
+    """
+    model, _, _, loader = setup
+
+    def extra(m):
+        return 0.3 * (m.bn1.weight.sum() + m.bn1.bias.sum())
+
+    def loss_fn(m, batch):
+        xb, yb = batch
+        return F.cross_entropy(m(xb), yb) + extra(m)
+
+    plain = _by_root(pyobc.score(model, loader, "taylor"))
+    shifted = _by_root(pyobc.score(model, loader, "taylor", loss_fn=loss_fn))
+    assert not torch.allclose(plain["conv1"], shifted["conv1"], rtol=1e-3)
+    torch.testing.assert_close(plain["conv2"], shifted["conv2"])  # bn2 untouched
+    # and the changed value is the hand-computed one including the BN terms
+    expected = 0
+    for xb, yb in loader:
+        dots = member_dots(model, weight_grads(model, xb, yb, loss_extra=extra))
+        expected = expected + sum(dots["conv1"]) ** 2
+    torch.testing.assert_close(shifted["conv1"].double(), expected / 2, rtol=1e-9, atol=1e-14)
+
+
+def test_obd_vs_per_sample_loop(setup):
+    model, x, y, loader = setup
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for n in range(x.shape[0]):
+        g = weight_grads(model, x[n:n + 1], y[n:n + 1])
+        for k in fisher:
+            fisher[k] += g[k] ** 2
+    fisher = {k: v / x.shape[0] for k, v in fisher.items()}
+    per_weight = {k: 0.5 * params[k].detach() ** 2 * fisher[k] for k in params}
+    # group sums written out by hand (every weight removed with the channel)
+    exp1 = (per_weight["conv1.weight"].sum((1, 2, 3)) + per_weight["conv1.bias"] + per_weight["bn1.weight"]
+            + per_weight["bn1.bias"] + per_weight["conv2.weight"].sum((0, 2, 3)))
+    exp2 = (per_weight["conv2.weight"].sum((1, 2, 3)) + per_weight["conv2.bias"] + per_weight["bn2.weight"]
+            + per_weight["bn2.bias"] + per_weight["fc.weight"].sum(0).view(5, 16).sum(1))
+    scores = pyobc.score(model, loader, "obd", granularity="weight")
+    got = _by_root(scores)
+    torch.testing.assert_close(got["conv1"].double(), exp1, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(got["conv2"].double(), exp2, rtol=1e-9, atol=1e-15)
+    by_param = scores.by_parameter()
+    assert set(by_param) == set(params)
+    for k in params:
+        torch.testing.assert_close(by_param[k].double(), per_weight[k], rtol=1e-9, atol=1e-15)
+
+
+def test_obd_on_linear_tokens_and_attention_matches_loop():
+    """3-D linear inputs and nn.MultiheadAttention go through other per-sample paths."""
+    torch.manual_seed(1)
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(3, 8)
+            self.ln = nn.LayerNorm(8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc1 = nn.Linear(8, 6)
+            self.fc2 = nn.Linear(6, 8)
+            self.pos = nn.Parameter(torch.randn(1, 5, 8) * 0.1)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.emb(x) + self.pos
+            a = self.ln(h)
+            h = h + self.attn(a, a, a, need_weights=False)[0]
+            h = h + self.fc2(F.gelu(self.fc1(h)))
+            return self.head(h.mean(1))
+
+    model = Tok()
+    x = torch.randn(6, 5, 3)
+    y = torch.randint(0, 3, (6,))
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for n in range(6):
+        g = weight_grads(model, x[n:n + 1], y[n:n + 1])
+        for k in fisher:
+            fisher[k] += g[k] ** 2
+    scores = pyobc.score(model, [(x, y)], "obd", granularity="weight")
+    by_param = scores.by_parameter()
+    for k in params:
+        torch.testing.assert_close(by_param[k].double(), 0.5 * params[k].detach() ** 2 * fisher[k] / 6,
+                                   rtol=1e-8, atol=1e-14, msg=k)
+
+
+def test_magnitude_by_hand(setup):
+    model, x, _, _ = setup
+    p = {n: t.detach() for n, t in model.named_parameters()}
+    for power in (1, 2):
+        a = {n: t.abs() ** power for n, t in p.items()}
+        exp1 = (a["conv1.weight"].sum((1, 2, 3)) + a["conv1.bias"] + a["bn1.weight"] + a["bn1.bias"]
+                + a["conv2.weight"].sum((0, 2, 3)))
+        got = pyobc.score(model, None, "magnitude", example_inputs=x[:2], p=power).by_module()["conv1"]
+        torch.testing.assert_close(got.double(), exp1)
