@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import pyobc
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Tiny(nn.Module):
@@ -71,7 +71,7 @@ def weight_grads(model, x, y, loss_extra=None):
 
 
 @pytest.fixture()
-def setup():
+def setup(float64):
     torch.manual_seed(0)
     model = Tiny()
     x = torch.randn(12, 3, 4, 4)

@@ -10,7 +10,7 @@ from torch.func import functional_call, hessian, jacrev
 import pyobc
 from test_criteria import Tiny, member_dots
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,10 @@
+// Operator schemas of the pyobc namespace: the one place they are written in C++.
+// pyobc/ops/_registry.py holds the same strings for the pure-PyTorch fallback; tests/test_ops.py
+// checks that both agree. Adding an op: one m.def line here, a kernel file per backend, and an
+// entry in pyobc/ops/_registry.py.
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(pyobc, m) {
+  m.def("channel_dot(Tensor a, Tensor b, int dim, bool per_sample=False) -> Tensor");
+  m.def("weight_channel_sums(Tensor w, Tensor t, int groups=1) -> (Tensor, Tensor)");
+}

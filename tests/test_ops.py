@@ -1,0 +1,579 @@
+"""Tests of the compiled-op layer (pyobc.ops): results against independent computations, both
+backends (compiled and pure-PyTorch reference), autograd, torch.library.opcheck, torch.compile,
+argument errors, and the loader's fallback/reporting. CUDA cases run only where a GPU is present.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pyobc.ops as ops
+from pyobc.ops import _reference, _registry
+
+ROOT = Path(__file__).resolve().parents[1]
+DISABLED = os.environ.get("PYOBC_DISABLE_EXT", "").strip() == "1"
+COMPILED = ops.backend_report()["extension"]["status"] == "loaded"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_compiled = pytest.mark.skipif(not COMPILED, reason="compiled library not loaded")
+
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+# ---------------------------------------------------------------------------------------------
+# independent expectations
+# ---------------------------------------------------------------------------------------------
+
+def expected_channel_dot(a, b, dim, per_sample):
+    """(a*b) summed in float64 over every dim but `dim` (and 0 with per_sample); also the sum of
+    |a*b| over the same dims, which scales the tolerance."""
+    dim %= a.dim()
+    keep = {dim, 0} if per_sample else {dim}
+    dims = [d for d in range(a.dim()) if d not in keep]
+    p = a.double() * b.double()
+    if not dims:
+        return p, p.abs()
+    return p.sum(dims), p.abs().sum(dims)
+
+
+def expected_weight_sums(w, t, groups):
+    """Per (o, j) sums, then a loop over the groups for the in-channel sums."""
+    out_ch, in_pg = w.shape[0], w.shape[1]
+    prod = w.double() * t.double()
+    per_pair = prod.reshape(out_ch, in_pg, -1).sum(-1)  # (O, I/groups)
+    abs_pair = prod.abs().reshape(out_ch, in_pg, -1).sum(-1)
+    per_group = out_ch // groups
+    in_sums, in_abs = [], []
+    for g in range(groups):
+        rows = slice(g * per_group, (g + 1) * per_group)
+        in_sums.append(per_pair[rows].sum(0))
+        in_abs.append(abs_pair[rows].sum(0))
+    return ((per_pair.sum(1), abs_pair.sum(1)),
+            (torch.cat(in_sums) if in_sums else torch.zeros(0, dtype=torch.float64),
+             torch.cat(in_abs) if in_abs else torch.zeros(0, dtype=torch.float64)))
+
+
+def assert_close(got, want, abs_sum, dtype):
+    """Error bounds relative to sum |a*b|: float64 input, float64 rounding; float32 input, short
+    float32 blocks (<= 256 products or 16 rows) added in float64, then rounded to float32;
+    float16/bfloat16, float32 accumulation."""
+    rel = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-5)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got.shape == want.shape
+    got = got.detach().double().cpu()
+    bound = rel * abs_sum + rel * 1e-3
+    err = (got - want).abs()
+    assert bool((err <= bound).all()), \
+        f"max err {err.max().item():.3g}, bound {bound.max().item():.3g}"
+
+
+def make(shape, dtype=torch.float32, layout="contiguous", seed=0, device="cpu"):
+    """A tensor of `shape` with values in [-1, 1) and the given memory layout."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*size):
+        return (2 * torch.rand(size, generator=gen, dtype=torch.float64) - 1).to(dtype=dtype,
+                                                                                device=device)
+    if layout == "channels_last":
+        return rand(*shape).contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # dense but not contiguous: the last two dims swapped
+        return rand(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+    if layout == "sliced":  # not dense: every other element of the last dim
+        return rand(*shape[:-1], 2 * shape[-1])[..., ::2]
+    if layout == "expanded":  # stride 0 on dim 0
+        return rand(1, *shape[1:]).expand(shape)
+    return rand(*shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_dot
+# ---------------------------------------------------------------------------------------------
+
+# (shape, dim, per_sample, layout); chosen to reach every CPU path (per-sample tasks, per-entry
+# tasks, row-split tasks) and every in-place/copy layout decision.
+CHANNEL_DOT_CASES = [
+    ((7,), 0, False, "contiguous"),
+    ((5, 6), 1, False, "contiguous"),
+    ((5, 6), 0, False, "contiguous"),
+    ((5, 6), -1, True, "contiguous"),
+    ((4, 9, 6), -1, False, "contiguous"),      # tokens, channel innermost
+    ((4, 9, 6), -1, True, "contiguous"),
+    ((3, 5, 7), 1, False, "contiguous"),
+    ((3, 5, 7), 1, True, "transposed"),        # dense permutation: read in place
+    ((3, 5, 7), 2, False, "transposed"),
+    ((3, 5, 7), 1, False, "sliced"),           # not dense: copied
+    ((3, 5, 7), 2, True, "expanded"),          # stride 0: copied
+    ((4, 6, 5, 5), 1, False, "contiguous"),    # conv activation
+    ((4, 6, 5, 5), 1, True, "contiguous"),
+    ((4, 6, 5, 5), 1, False, "channels_last"),
+    ((4, 6, 5, 5), 1, True, "channels_last"),
+    ((4, 6, 5, 5), 3, True, "channels_last"),
+    ((2, 3, 4, 5, 6), 2, True, "contiguous"),
+    ((16, 8, 20), 1, True, "contiguous"),      # many samples: one task per sample
+    ((1, 8, 32, 32), 1, False, "contiguous"),  # one image: one task per channel
+    ((2, 8, 32, 32), 1, True, "contiguous"),
+    ((64, 16, 40), 1, False, "contiguous"),    # many rows: row-split tasks
+    ((8, 50, 24), -1, False, "contiguous"),
+    ((1, 3, 40, 40), 1, False, "channels_last"),
+    ((8, 1, 9), 1, True, "contiguous"),        # C == 1
+    ((1, 5, 1, 9), 2, True, "contiguous"),     # size-1 dims everywhere
+    ((3, 1, 40), 1, False, "contiguous"),      # C == 1, one run per sample
+    ((3, 7, 1100), -1, False, "contiguous"),   # more channels than one accumulator chunk
+    ((3, 5, 1030), -1, True, "contiguous"),
+]
+
+
+def _case_id(case):
+    shape, dim, ps, layout = case
+    return f"{'x'.join(map(str, shape))}-d{dim}{'-ps' if ps else ''}-{layout}"
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("case", CHANNEL_DOT_CASES, ids=_case_id)
+def test_channel_dot_matches_float64_sum(case, dtype):
+    shape, dim, per_sample, layout = case
+    a = make(shape, dtype, layout, seed=1)
+    b = make(shape, dtype, layout, seed=2)
+    want, abs_sum = expected_channel_dot(a, b, dim, per_sample)
+    assert_close(ops.channel_dot(a, b, dim, per_sample), want, abs_sum, dtype)
+
+
+def test_channel_dot_mixed_layouts():
+    a = make((3, 4, 5, 6), layout="channels_last", seed=1)
+    b = make((3, 4, 5, 6), layout="contiguous", seed=2)
+    for per_sample in (False, True):
+        want, abs_sum = expected_channel_dot(a, b, 1, per_sample)
+        assert_close(ops.channel_dot(a, b, 1, per_sample), want, abs_sum, torch.float32)
+
+
+def test_channel_dot_float64_is_exact_on_integers():
+    # integer-valued float64 inputs: every partial sum is exact, so the result must be too
+    a = torch.randint(-50, 50, (6, 5, 7, 3), dtype=torch.float64)
+    b = torch.randint(-50, 50, (6, 5, 7, 3), dtype=torch.float64)
+    assert torch.equal(ops.channel_dot(a, b, 1), (a * b).sum((0, 2, 3)))
+    assert torch.equal(ops.channel_dot(a, b, -1, per_sample=True), (a * b).sum((1, 2)))
+
+
+def test_channel_dot_float32_accumulates_beyond_float32():
+    # 2**24 + 8 ones per channel: a plain float32 accumulator would stop at 2**24
+    n = 2 ** 24 + 8
+    ones = torch.ones(n, 2, dtype=torch.float32)
+    assert ops.channel_dot(ones[:, :1], ones[:, :1], 1).item() == float(n)  # one long run
+    assert ops.channel_dot(ones, ones, 1).tolist() == [float(n)] * 2     # channel innermost
+
+
+@pytest.mark.parametrize("shape,dim,per_sample", [
+    ((0, 4, 3), 1, False), ((0, 4, 3), 1, True), ((3, 0, 5), 1, False), ((3, 0, 5), 2, True),
+    ((2, 3, 0), 1, True), ((0,), 0, False)])
+def test_channel_dot_empty(shape, dim, per_sample):
+    a = torch.empty(shape, dtype=torch.float32)
+    out = ops.channel_dot(a, a, dim, per_sample)
+    want_shape = (shape[0], shape[dim]) if per_sample else (shape[dim],)
+    assert out.shape == want_shape and out.dtype == torch.float32
+    assert torch.equal(out, torch.zeros(want_shape, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# weight_channel_sums
+# ---------------------------------------------------------------------------------------------
+
+WEIGHT_CASES = [  # (shape, groups, layout)
+    ((6, 4, 3, 3), 1, "contiguous"),
+    ((6, 4, 3, 3), 2, "contiguous"),
+    ((8, 1, 3, 3), 8, "contiguous"),     # depthwise
+    ((12, 3, 3, 3), 4, "channels_last"),  # read in place
+    ((10, 7), 1, "contiguous"),           # linear
+    ((10, 7), 1, "transposed"),           # linear weight stored transposed: copied
+    ((10, 7), 5, "contiguous"),
+    ((6, 2, 5), 3, "contiguous"),         # conv1d
+    ((4, 2, 2, 3, 3), 2, "contiguous"),   # conv3d
+    ((64, 32, 3, 3), 4, "contiguous"),    # several tasks
+    ((256, 40), 1, "contiguous"),
+    ((6, 4, 3, 3), 1, "sliced"),
+    ((40, 1100), 2, "contiguous"),        # more in-channels than one accumulator chunk
+    ((4, 1), 1, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("case", WEIGHT_CASES,
+                         ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}-{c[2]}")
+def test_weight_channel_sums_matches_loops(case, dtype):
+    shape, groups, layout = case
+    w = make(shape, dtype, layout, seed=3)
+    t = make(shape, dtype, layout, seed=4)
+    (want_out, abs_out), (want_in, abs_in) = expected_weight_sums(w, t, groups)
+    out_sums, in_sums = ops.weight_channel_sums(w, t, groups)
+    assert_close(out_sums, want_out, abs_out, dtype)
+    assert_close(in_sums, want_in, abs_in, dtype)
+
+
+def test_weight_channel_sums_conv_identity():
+    # sum of the out-channel sums == sum of the in-channel sums == <w, t>
+    weight = torch.randn(12, 2, 3, 3, dtype=torch.float64)  # Conv2d(8, 12, 3, groups=4)
+    t = torch.randn_like(weight)
+    out_sums, in_sums = ops.weight_channel_sums(weight, t, groups=4)
+    assert in_sums.shape == (8,) and out_sums.shape == (12,)
+    total = (weight * t).sum()
+    torch.testing.assert_close(out_sums.sum(), total)
+    torch.testing.assert_close(in_sums.sum(), total)
+
+
+@pytest.mark.parametrize("shape,groups",
+                         [((0, 3, 3), 1), ((0, 3), 4), ((4, 0, 3), 2), ((5, 3, 0), 1)])
+def test_weight_channel_sums_empty(shape, groups):
+    w = torch.empty(shape, dtype=torch.float32)
+    out_sums, in_sums = ops.weight_channel_sums(w, w, groups)
+    assert out_sums.shape == (shape[0],) and in_sums.shape == (groups * shape[1],)
+    assert not out_sums.any() and not in_sums.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# property test over random shapes / dims / layouts
+# ---------------------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+       dim_seed=st.integers(0, 100), per_sample=st.booleans(),
+       layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_channel_dot_property(shape, dim_seed, per_sample, layout, dtype):
+    nd = len(shape)
+    if nd < 2:
+        per_sample = False
+        layout = "contiguous" if layout == "transposed" else layout
+    dim = dim_seed % nd - (nd if dim_seed % 2 else 0)  # negative dims too
+    if per_sample and dim % nd == 0:
+        dim = 1
+    a = make(tuple(shape), dtype, layout, seed=dim_seed)
+    b = make(tuple(shape), dtype, layout, seed=dim_seed + 1)
+    want, abs_sum = expected_channel_dot(a, b, dim, per_sample)
+    assert_close(ops.channel_dot(a, b, dim, per_sample), want, abs_sum, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# both backends agree; the extension really is loaded; schemas match
+# ---------------------------------------------------------------------------------------------
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_compiled_matches_reference(dtype):
+    a, b = make((5, 6, 7, 4), dtype, seed=5), make((5, 6, 7, 4), dtype, seed=6)
+    for dim, ps in ((1, False), (1, True), (-1, True), (0, False)):
+        got = torch.ops.pyobc.channel_dot(a, b, dim, ps)
+        ref = _reference.channel_dot(a, b, dim, ps)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    w, t = make((8, 3, 3, 3), dtype, seed=7), make((8, 3, 3, 3), dtype, seed=8)
+    for got, ref in zip(torch.ops.pyobc.weight_channel_sums(w, t, 2),
+                        _reference.weight_channel_sums(w, t, 2)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DISABLED, reason="PYOBC_DISABLE_EXT=1")
+def test_compiled_library_is_loaded():
+    # a broken or missing build must fail here instead of silently falling back
+    report = ops.backend_report()
+    assert report["extension"]["status"] == "loaded", report["extension"]["error"]
+    for name, info in report["ops"].items():
+        assert info["cpu"] == "compiled", name
+
+
+def _compiled_schema_strings():
+    text = (ROOT / "csrc" / "ops.cpp").read_text()
+    return re.findall(r'm\.def\(\s*"([^"]+)"', text)
+
+
+def test_schemas_match_csrc():
+    # csrc/ops.cpp and pyobc/ops/_registry.py are the two places a schema is written
+    assert sorted(_compiled_schema_strings()) == sorted(spec.schema for spec in _registry.OPS)
+    for spec in _registry.OPS:
+        registered = str(getattr(torch.ops.pyobc, spec.name).default._schema)
+        assert registered == f"pyobc::{spec.schema}"
+
+
+def test_backend_report_shape():
+    report = ops.backend_report()
+    assert set(report) == {"extension", "cuda_available", "ops"}
+    assert set(report["ops"]) == {spec.name for spec in _registry.OPS}
+    for info in report["ops"].values():
+        assert info["cpu"] in ("compiled", "reference")
+        assert info["cuda"] in ("compiled", "reference")
+    if not report["extension"]["cuda_kernels"]:
+        assert all(info["cuda"] == "reference" for info in report["ops"].values())
+    report["ops"].clear()  # a copy: the module state is untouched
+    assert ops.backend_report()["ops"]
+
+
+_SUBPROCESS_CHECK = textwrap.dedent("""
+    import json, warnings
+    warnings.simplefilter("error", RuntimeWarning)   # disabled on purpose: must not warn
+    import torch, pyobc.ops as ops
+    from pyobc.ops import _reference
+    a = torch.randn(4, 6, 5, 5); b = torch.randn(4, 6, 5, 5)
+    w = torch.randn(6, 2, 3, 3); t = torch.randn(6, 2, 3, 3)
+    cd = ops.channel_dot(a, b, 1, per_sample=True)
+    ws = ops.weight_channel_sums(w, t, 3)
+    print(json.dumps({
+        "report": ops.backend_report(),
+        "cd_err": (cd.double() - (a.double() * b.double()).sum((2, 3))).abs().max().item(),
+        "ws_err": max((x - y).abs().max().item() for x, y in
+                      zip(ws, _reference.weight_channel_sums(w, t, 3))),
+        "grad_ok": torch.autograd.gradcheck(
+            lambda x, y: ops.channel_dot(x, y, 1),
+            (a[:2, :2, :2].double().requires_grad_(), b[:2, :2, :2].double().requires_grad_())),
+    }))
+""")
+
+
+_FAILED_LOAD_CHECK = textwrap.dedent("""
+    import sys, json, warnings
+    sys.modules["pyobc._C"] = None   # makes `import pyobc._C` fail
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch, pyobc.ops as ops
+        import pyobc.ops  # a second import must not warn again
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)
+            and "pyobc" in str(w.message)]
+    x = torch.randn(3, 4)
+    print(json.dumps({"msgs": msgs, "report": ops.backend_report(),
+                      "ok": bool(torch.allclose(ops.channel_dot(x, x, 1), (x * x).sum(0)))}))
+""")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subprocess_results():
+    """Starts the fallback checks in fresh interpreters when this module's first test runs, so
+    that their torch import overlaps with the other tests; the tests below wait for them."""
+    runs = {"disabled": (_SUBPROCESS_CHECK, "1"), "failed": (_FAILED_LOAD_CHECK, "0")}
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                                    env=dict(os.environ, PYOBC_DISABLE_EXT=flag))
+             for name, (code, flag) in runs.items()}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _result(procs, name):
+    stdout, stderr = procs[name].communicate(timeout=180)
+    assert procs[name].returncode == 0, stderr
+    return json.loads(stdout)
+
+
+def test_disabled_extension_uses_reference(subprocess_results):
+    out = _result(subprocess_results, "disabled")
+    report = out["report"]
+    assert report["extension"]["status"] == "disabled"
+    for info in report["ops"].values():
+        assert info["cpu"] == "reference" and info["cuda"] == "reference"
+    assert out["cd_err"] < 1e-5 and out["ws_err"] < 1e-5 and out["grad_ok"]
+
+
+def test_failed_load_warns_once_and_falls_back(subprocess_results):
+    out = _result(subprocess_results, "failed")
+    assert len(out["msgs"]) == 1 and "pyobc._C" in out["msgs"][0]
+    assert out["report"]["extension"]["status"] == "failed"
+    assert "pyobc._C" in out["report"]["extension"]["error"]
+    assert out["report"]["ops"]["channel_dot"]["cpu"] == "reference"
+    assert out["ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+def test_gradcheck_channel_dot():
+    for shape, dim, ps, layout in [((3, 4, 5), 1, False, "contiguous"),
+                                   ((3, 4, 2, 2), 1, True, "channels_last"),
+                                   ((3, 4, 5), -1, True, "transposed")]:
+        a = make(shape, torch.float64, layout, seed=1).requires_grad_()
+        b = make(shape, torch.float64, layout, seed=2).requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, y: ops.channel_dot(x, y, dim, ps), (a, b))
+    a = make((3, 4, 5), torch.float64, seed=3).requires_grad_()
+    b = make((3, 4, 5), torch.float64, seed=4).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, y: ops.channel_dot(x, y, 1, True), (a, b))
+
+
+def test_gradcheck_weight_channel_sums():
+    for shape, groups in [((6, 2, 3, 3), 3), ((5, 4), 1), ((4, 1, 3), 4)]:
+        w = make(shape, torch.float64, seed=1).requires_grad_()
+        t = make(shape, torch.float64, seed=2).requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, y: ops.weight_channel_sums(x, y, groups), (w, t))
+    # only one of the two outputs used
+    w = make((4, 2, 3), torch.float64, seed=3).requires_grad_()
+    t = make((4, 2, 3), torch.float64, seed=4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: ops.weight_channel_sums(x, y, 2)[1], (w, t))
+    assert torch.autograd.gradgradcheck(lambda x, y: ops.weight_channel_sums(x, y, 2), (w, t))
+
+
+def test_low_precision_grad_dtype():
+    a = make((3, 4, 5), torch.bfloat16, seed=1).requires_grad_()
+    b = make((3, 4, 5), torch.bfloat16, seed=2)
+    ops.channel_dot(a, b, 1).sum().backward()
+    assert a.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(a.grad, b, rtol=0, atol=0)
+
+
+def _opcheck_samples(device="cpu"):
+    cd, ws = torch.ops.pyobc.channel_dot.default, torch.ops.pyobc.weight_channel_sums.default
+    f64 = torch.float64
+    samples = []
+    for grad in (False, True):
+        def mk(shape, layout="contiguous", seed=0, dtype=torch.float32):
+            return make(shape, dtype, layout, seed, device).requires_grad_(grad)
+        samples += [
+            (cd, (mk((3, 4, 5), seed=1), mk((3, 4, 5), seed=2), 1, False)),
+            (cd, (mk((2, 3, 4, 4), "channels_last", 1), mk((2, 3, 4, 4), "channels_last", 2),
+                  1, True)),
+            (cd, (mk((2, 5, 3), "transposed", 3, f64), mk((2, 5, 3), "transposed", 4, f64),
+                  -1, True)),
+            (ws, (mk((6, 2, 3, 3), seed=5), mk((6, 2, 3, 3), seed=6), 3)),
+            (ws, (mk((5, 4), seed=7, dtype=f64), mk((5, 4), seed=8, dtype=f64), 1)),
+        ]
+    return samples
+
+
+@pytest.mark.parametrize("index", range(10))
+def test_opcheck(index):
+    op, args = _opcheck_samples()[index]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    def f(a, b, w, t):
+        out_sums, in_sums = ops.weight_channel_sums(w, t, groups=2)
+        return ops.channel_dot(a, b, 1) * 2, ops.channel_dot(a, b, -1, per_sample=True), \
+            out_sums + 1, in_sums
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    a = make((2, 3, 4, 4), seed=1).requires_grad_()
+    b = make((2, 3, 4, 4), seed=2)
+    w, t = make((4, 2, 3, 3), seed=3), make((4, 2, 3, 3), seed=4)
+    for got, want in zip(compiled(a, b, w, t), f(a, b, w, t)):
+        torch.testing.assert_close(got, want)
+    compiled(a, b, w, t)[0].sum().backward()
+    torch.testing.assert_close(a.grad, 2 * b)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument errors
+# ---------------------------------------------------------------------------------------------
+
+# explicit dtypes: other test modules change torch's default dtype at import time
+_x = torch.randn(3, 4, 5, dtype=torch.float32)
+_w = torch.randn(6, 2, 3, dtype=torch.float32)
+
+ERROR_CASES = [
+    ("shape", lambda: ops.channel_dot(_x, _x[:2]), ValueError, "a and b must have the same shape"),
+    ("dtype", lambda: ops.channel_dot(_x, _x.double()), TypeError, "same dtype"),
+    ("int", lambda: ops.channel_dot(_x.long(), _x.long()), TypeError, "a must be float32"),
+    ("device", lambda: ops.channel_dot(_x, _x.to("meta")), ValueError, "same device"),
+    ("not tensor", lambda: ops.channel_dot(_x, 1.0), TypeError, "b must be a torch.Tensor"),
+    ("dim range", lambda: ops.channel_dot(_x, _x, 3), ValueError, "dim=3 is out of range"),
+    ("dim type", lambda: ops.channel_dot(_x, _x, 1.0), TypeError, "dim must be an int"),
+    ("scalar", lambda: ops.channel_dot(_x[0, 0, 0], _x[0, 0, 0], 0), ValueError, "at least 1"),
+    ("ps 1-d", lambda: ops.channel_dot(_x[0, 0], _x[0, 0], 0, True), ValueError, "per_sample"),
+    ("ps dim 0", lambda: ops.channel_dot(_x, _x, 0, True), ValueError, "dim must not be 0"),
+    ("ps type", lambda: ops.channel_dot(_x, _x, 1, 1), TypeError, "per_sample must be a bool"),
+    ("sparse", lambda: ops.channel_dot(_x.to_sparse(), _x.to_sparse()), TypeError, "strided"),
+    ("w shape", lambda: ops.weight_channel_sums(_w, _w[:3]), ValueError,
+     "w and t must have the same shape"),
+    ("w int", lambda: ops.weight_channel_sums(_w.int(), _w.int()), TypeError, "w must be float32"),
+    ("w 1-d", lambda: ops.weight_channel_sums(_w[0, 0], _w[0, 0]), ValueError, "at least 2 dims"),
+    ("groups", lambda: ops.weight_channel_sums(_w, _w, 4), ValueError, "groups=4 does not divide"),
+    ("groups 0", lambda: ops.weight_channel_sums(_w, _w, 0), ValueError, "groups must be >= 1"),
+    ("groups type", lambda: ops.weight_channel_sums(_w, _w, "2"), TypeError,
+     "groups must be an int"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,match", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_argument_errors(name, call, exc, match):
+    with pytest.raises(exc, match=re.escape(match)):
+        call()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: torch.ops.pyobc.channel_dot(_x, _x[:2], 1), "same shape"),
+    (lambda: torch.ops.pyobc.channel_dot(_x, _x.double(), 1), "same dtype"),
+    (lambda: torch.ops.pyobc.channel_dot(_x.long(), _x.long(), 1), "float32"),
+    (lambda: torch.ops.pyobc.channel_dot(_x, _x, -4), "out of range"),
+    (lambda: torch.ops.pyobc.channel_dot(_x, _x, 0, True), "per_sample"),
+    (lambda: torch.ops.pyobc.weight_channel_sums(_w, _w, 4), "does not divide"),
+    (lambda: torch.ops.pyobc.weight_channel_sums(_w, _w, 0), "groups must be >= 1"),
+    (lambda: torch.ops.pyobc.weight_channel_sums(_w[0, 0], _w[0, 0]), "at least 2 dims"),
+])
+def test_direct_op_calls_reject_bad_arguments(call, match):
+    # the C++ checks (compiled) or the reference's checks (fallback): never a crash or garbage
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=re.escape(match)):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (only where a GPU is present)
+# ---------------------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_cuda_channel_dot_matches_cpu(dtype):
+    for shape, dim, per_sample, layout in CHANNEL_DOT_CASES + [
+            ((64, 64, 32, 32), 1, False, "contiguous"),
+            ((64, 64, 32, 32), 1, True, "channels_last"),
+            ((16, 197, 192), -1, False, "contiguous"), ((16, 197, 192), -1, True, "contiguous"),
+            ((3, 5, 17), 1, True, "contiguous"), ((2, 3, 33), 1, False, "sliced")]:
+        a = make(shape, dtype, layout, seed=1, device="cuda")
+        b = make(shape, dtype, layout, seed=2, device="cuda")
+        want, abs_sum = expected_channel_dot(a.cpu(), b.cpu(), dim, per_sample)
+        got = ops.channel_dot(a, b, dim, per_sample)
+        assert got.device.type == "cuda"
+        assert_close(got, want, abs_sum, dtype)
+        torch.testing.assert_close(got.cpu(), ops.channel_dot(a.cpu(), b.cpu(), dim, per_sample),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_cuda_weight_channel_sums_matches_cpu(dtype):
+    for shape, groups, layout in WEIGHT_CASES + [((512, 256, 3, 3), 1, "contiguous"),
+                                                 ((512, 1, 3, 3), 512, "contiguous"),
+                                                 ((1000, 513), 1, "contiguous")]:
+        w = make(shape, dtype, layout, seed=3, device="cuda")
+        t = make(shape, dtype, layout, seed=4, device="cuda")
+        (want_out, abs_out), (want_in, abs_in) = (
+            expected_weight_sums(w.cpu(), t.cpu(), groups) if w.numel() < 100_000 else
+            [(x.double(), x.double().abs() + 1) for x in _reference.weight_channel_sums(
+                w.cpu(), t.cpu(), groups)])
+        out_sums, in_sums = ops.weight_channel_sums(w, t, groups)
+        assert out_sums.device.type == "cuda"
+        assert_close(out_sums, want_out, abs_out, dtype)
+        assert_close(in_sums, want_in, abs_in, dtype)
+
+
+@needs_cuda
+def test_cuda_empty_and_unaligned():
+    base = torch.randn(1001, dtype=torch.float32, device="cuda")
+    a, b = base[1:].view(10, 100), base[:-1].view(10, 100)  # 4-byte offset: no vector loads
+    torch.testing.assert_close(ops.channel_dot(a, b, 1).cpu(),
+                               ops.channel_dot(a.cpu(), b.cpu(), 1))
+    e = torch.empty(0, 4, 3, dtype=torch.float32, device="cuda")
+    assert not ops.channel_dot(e, e, 1).any()
+    out_sums, in_sums = ops.weight_channel_sums(e, e)
+    assert out_sums.shape == (0,) and in_sums.shape == (4,) and not in_sums.any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("index", range(10))
+def test_cuda_opcheck(index):
+    op, args = _opcheck_samples("cuda")[index]
+    torch.library.opcheck(op, args)
