@@ -239,13 +239,28 @@ class GatedModel:
             theta[name] = theta[name] * (1 + self.eps)
         return theta
 
-    def run(self, batch: Batch) -> tuple[torch.Tensor, list]:
-        """Forward the batch; returns the loss and the model's output(s) of that call."""
+    def run(self, batch: Batch, tangents: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list]:
+        """Forward the batch; returns the loss and the model's output(s) of that call.
+
+        ``tangents`` (one per gate, gate-shaped; call inside ``torch.autograd.forward_ad.dual_level()``):
+        the gates enter the pass as forward-mode dual tensors, so the outputs also carry the directional
+        derivative along ``tangents`` (read it with ``forward_ad.unpack_dual``), while reverse mode still
+        differentiates with respect to the gate leaves.
+        """
         module_eps, param_eps = self._module_eps(self._eps_params()) if self.eps is not None else ({}, set())
-        params = self._params(param_eps)
-        outputs: list = []
-        with self._hooks(module_eps), second_order_mode():
-            loss = self.ctx.loss(batch, params=params, outputs=outputs)
+        by_key = self._by_key
+        if tangents is not None:
+            from torch.autograd import forward_ad
+            if len(tangents) != len(self.gates):
+                raise ValueError(f"{len(tangents)} tangents for {len(self.gates)} gates")
+            self._by_key = {k: forward_ad.make_dual(g, t) for (k, g), t in zip(by_key.items(), tangents)}
+        try:
+            params = self._params(param_eps)
+            outputs: list = []
+            with self._hooks(module_eps), second_order_mode():
+                loss = self.ctx.loss(batch, params=params, outputs=outputs)
+        finally:
+            self._by_key = by_key
         return loss, outputs
 
     def members(self, gate_grads: list[torch.Tensor | None]) -> torch.Tensor:
