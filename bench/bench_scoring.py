@@ -92,23 +92,38 @@ def time_fb(model, x, y, repeats: int) -> float:
 
 
 def _peak_child(model_key: str, batch: int, what: str, options: dict) -> int:
-    """Peak RSS growth (bytes) of one forward+backward or one scoring batch, in a fresh process."""
+    """Peak RSS growth (bytes) of one forward+backward or one scoring batch, in a fresh process:
+    the high-water mark after the call minus the resident size just before it."""
     code = f"""
-import json, resource, sys, torch
+import ctypes, gc, json, os, sys, threading, time, torch
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 from bench_scoring import build, fwd_bwd
 import pyobc
 model, x, y = build({model_key!r}, {batch})
 from pyobc.criteria import methods; methods()
-import gc; gc.collect()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import torch_pruning  # imported before the baseline, like every other module scoring needs
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():  # current resident set in bytes (not the high-water mark)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+base = rss()
+peak = [base]
+done = threading.Event()
+def sample():  # torch releases the GIL in its kernels, so this thread keeps sampling
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+t = threading.Thread(target=sample, daemon=True)
+t.start()
 what = {what!r}
 if what == "fb":
     fwd_bwd(model, x, y)
 else:
     pyobc.score(model, [(x, y)], what, **json.loads({json.dumps(json.dumps(options))}))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024)
+done.set(); t.join()
+print(max(peak[0], rss()) - base)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])

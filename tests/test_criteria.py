@@ -189,28 +189,30 @@ def test_obd_vs_per_sample_loop(setup):
         torch.testing.assert_close(by_param[k].double(), per_weight[k], rtol=1e-9, atol=1e-15)
 
 
-def test_obd_on_linear_tokens_and_attention_matches_loop():
+class Tok(nn.Module):
+    """Tokens through linear layers, LayerNorm, nn.MultiheadAttention and a bare position parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.ln = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc1 = nn.Linear(8, 6)
+        self.fc2 = nn.Linear(6, 8)
+        self.pos = nn.Parameter(torch.randn(1, 5, 8) * 0.1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos
+        a = self.ln(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+def test_obd_on_linear_tokens_and_attention_matches_loop(float64):
     """3-D linear inputs and nn.MultiheadAttention go through other per-sample paths."""
     torch.manual_seed(1)
-
-    class Tok(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Linear(3, 8)
-            self.ln = nn.LayerNorm(8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc1 = nn.Linear(8, 6)
-            self.fc2 = nn.Linear(6, 8)
-            self.pos = nn.Parameter(torch.randn(1, 5, 8) * 0.1)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            h = self.emb(x) + self.pos
-            a = self.ln(h)
-            h = h + self.attn(a, a, a, need_weights=False)[0]
-            h = h + self.fc2(F.gelu(self.fc1(h)))
-            return self.head(h.mean(1))
-
     model = Tok()
     x = torch.randn(6, 5, 3)
     y = torch.randint(0, 3, (6,))
@@ -236,3 +238,24 @@ def test_magnitude_by_hand(setup):
                 + a["conv2.weight"].sum((0, 2, 3)))
         got = pyobc.score(model, None, "magnitude", example_inputs=x[:2], p=power).by_module()["conv1"]
         torch.testing.assert_close(got.double(), exp1)
+
+
+def test_jacobian_sample_rows_with_attention_and_bare_parameter(float64):
+    """Activation rows (linear, LayerNorm) and per-sample-gradient rows (attention, the bare position
+    parameter) against a per-sample loop through the weight-space path (checked on Tiny above)."""
+    from pyobc.scoring.layout import Layout
+
+    torch.manual_seed(2)
+    model = Tok().eval()
+    x, y = torch.randn(4, 5, 3), torch.randint(0, 3, (4,))
+    groups = pyobc.build_groups(model, x[:2])
+    layout = Layout(groups, dict(model.named_parameters()))
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    total = 0
+    for n in range(4):
+        m = layout.members(layout.sources(theta, weight_grads(model, x[n:n + 1], y[n:n + 1])))
+        total = total + m * m
+    expected = layout.split(layout.group_sum(total))
+    got = pyobc.score(model, [(x, y)], "jacobian", rows="sample")
+    for g, e in zip(groups, expected):
+        torch.testing.assert_close(got.by_module()[g.root].double(), e, rtol=1e-8, atol=1e-14)

@@ -267,3 +267,32 @@ def test_oba_options_validated():
         pyobc.score(model, [(x, y)], "oba", group_reduction="median")
     with pytest.raises(TypeError, match="delta"):
         pyobc.score(model, [(x, y)], "oba", delta="big")
+
+
+@pytest.mark.parametrize("granularity", ["channel", "weight"])
+@pytest.mark.parametrize("hess", ["inter-layer", "full"])
+def test_micro_batches_equal_whole_batch(granularity, hess):
+    model, _, _ = make("pool_bn")
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(7, 2, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
+    kw = dict(hessian=hess, granularity=granularity, normalize="none")
+    whole = pyobc.score(model, [(x, y)], "oba", micro_batch=None, **kw)
+    parts = pyobc.score(model, [(x, y)], "oba", micro_batch=3, **kw)  # 3 + 3 + 1 samples
+    for k, v in whole.by_module().items():
+        torch.testing.assert_close(parts.by_module()[k], v, rtol=1e-9, atol=1e-13)
+    if granularity == "weight":
+        for k, v in whole.by_parameter().items():
+            torch.testing.assert_close(parts.by_parameter()[k], v, rtol=1e-9, atol=1e-13)
+
+
+def test_micro_batches_refuse_a_loss_that_is_not_a_per_sample_mean():
+    model, x, y = make("pool_bn")
+
+    def summed(m, batch):  # a sum, not a mean: micro-batch weights would be wrong
+        return F.cross_entropy(m(batch[0]), batch[1], reduction="sum")
+
+    with pytest.raises(ValueError, match="micro_batch=None"):
+        pyobc.score(model, [(x, y)], "oba", loss_fn=summed, micro_batch=2)
+    pyobc.score(model, [(x, y)], "oba", loss_fn=summed, micro_batch=None)  # fine without splitting
+    with pytest.raises(ValueError, match="micro_batch"):
+        pyobc.score(model, [(x, y)], "oba", micro_batch=0)

@@ -17,7 +17,7 @@ from pyobc.criteria.sosp import SOSPMemoryError
 from test_criteria import Tiny, member_dots, weight_grads
 from test_oba import make
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class ScaledMLP(nn.Module):
@@ -295,3 +295,14 @@ def test_options_validated_and_scores_save(tiny, tmp_path):
     back = pyobc.Scores.load(tmp_path / "s.pt")
     torch.testing.assert_close(back.extras["Q"], s.extras["Q"])
     torch.testing.assert_close(back.extras["theta_u"]["conv1"], s.extras["theta_u"]["conv1"])
+
+
+def test_sosp_h_micro_batches_equal_whole_batch():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(7, 3, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
+    whole = pyobc.score(model, [(x, y)], "sosp-h", micro_batch=None)
+    parts = pyobc.score(model, [(x, y)], "sosp-h", micro_batch=2)
+    for k, v in whole.by_module().items():
+        torch.testing.assert_close(parts.by_module()[k], v, rtol=1e-9, atol=1e-13)

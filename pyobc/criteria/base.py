@@ -17,7 +17,7 @@ from ..scoring.engine import Batch, Context
 from ..scoring.per_sample import activation_rows, per_sample_grads, sq_grad_sums, supports_activation_rows
 from ..grouping import IN_AXIS
 
-__all__ = ["Criterion", "Result", "PerSamplePass"]
+__all__ = ["Criterion", "Result", "PerSamplePass", "validate_micro_batch"]
 
 
 @dataclasses.dataclass
@@ -27,6 +27,12 @@ class Result:
     channel: list[torch.Tensor]
     parameter: dict[str, torch.Tensor] | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def validate_micro_batch(name: str, value: Any) -> None:
+    """The ``micro_batch`` option: a positive int or None."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"method {name!r}: option micro_batch must be a positive integer or None, got {value!r}")
 
 
 class Criterion:
@@ -118,22 +124,28 @@ class PerSamplePass:
         self.batch = batch
         self.params = list(params)
         self._owner = {p: self._candidates(p) for p in self.params}
-        watch: dict[str, nn.Module] = {}
-        for cands in self._owner.values():
-            for name in cands:
-                watch[name] = ctx.modules[name]
         self._row_members = []
+        fallback: list[str] = []  # parameters of members whose rows need per-sample gradients
+        watch: dict[str, nn.Module] = {}
         if rows:
             for gi, g in enumerate(ctx.groups):
                 for mi, m in enumerate(g.members):
                     module = ctx.modules.get(m.module)
-                    if module is not None and supports_activation_rows(m.kind, module):
+                    if module is not None and m.module in ctx.called and supports_activation_rows(m.kind, module):
                         watch[m.module] = module
                         self._row_members.append((gi, mi, m, module))
+                    else:
+                        fallback.extend(s.param for s in m.slices)
+        # watch only the module that will serve each parameter (the nearest one that runs)
+        for p in dict.fromkeys(self.params + fallback):
+            cands = self._candidates(p)
+            name = next((c for c in cands if c in ctx.called), cands[-1])
+            watch[name] = ctx.modules[name]
         self.loss, self.capture = ctx.capture_forward(batch, watch)
         self.scale = float(batch.size)  # mean-loss gradient -> per-sample-loss gradient
         outs = self.capture.outputs()
-        grads = torch.autograd.grad(self.loss, [y for _, _, y in outs], allow_unused=True, retain_graph=True)
+        # rows need the graph again (input gradients through single layers, per-sample fallbacks)
+        grads = torch.autograd.grad(self.loss, [y for _, _, y in outs], allow_unused=True, retain_graph=rows)
         self.grad_out: dict[tuple[str, int], torch.Tensor | None] = {
             (name, k): g for (name, k, _), g in zip(outs, grads)}
 

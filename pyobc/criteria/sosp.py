@@ -61,7 +61,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import register
-from .base import Criterion, Result
+from .base import Criterion, Result, validate_micro_batch
 from ..scoring.gates import GatedModel, gate_layout, second_order_mode
 from ..scoring.layout import Layout
 from .oba import _flat_outputs
@@ -140,7 +140,8 @@ class SOSPH(_SOSP):
     the absolute values enter the score. ``extras["theta_g"]`` / ``extras["theta_u"]``: the signed means
     per group root.
 
-    Options: ``jvp`` — how ``J theta_M`` is computed: ``"forward"`` (forward-mode AD, one pass carrying the
+    Options: ``micro_batch`` (16): run over micro-batches of this many samples, weighted ``n_i / N``
+    (exact for per-sample mean losses, checked once; bounds memory); ``jvp`` — how ``J theta_M`` is computed: ``"forward"`` (forward-mode AD, one pass carrying the
     tangent; the cheapest), ``"double-vjp"`` (reverse-over-reverse: for models with operations that have
     no forward-mode derivative), ``"auto"`` (forward, falling back to double-vjp if the model needs it).
     """
@@ -148,10 +149,11 @@ class SOSPH(_SOSP):
     name = "sosp-h"
     description = ("SOSP-H [reconstructed]: |theta_s.g| + 1/2 |theta_s.GGN theta_M|, one JVP and two VJPs "
                    "per batch, global curvature across all layers")
-    defaults = {"jvp": "auto"}
+    defaults = {"jvp": "auto", "micro_batch": 16}
 
     def validate(self) -> None:
         self._choice("jvp", ("auto", "forward", "double-vjp"))
+        validate_micro_batch(self.name, self.opts["micro_batch"])
         self._mode = "double-vjp" if self.opts["jvp"] == "double-vjp" else "forward"
 
     def _tangents(self, gm: GatedModel) -> list[torch.Tensor]:
@@ -165,6 +167,15 @@ class SOSPH(_SOSP):
                 for k in layout.source_keys]
 
     def update(self, batch) -> None:
+        # GGN products are sums over samples: micro-batches (weights n_i / N) bound the memory
+        layout = self._layout()
+        for part, weight in self.ctx.micro_batches(batch, self.opts["micro_batch"]):
+            first, u, gm = self._one(part)
+            self.add("g", _group_values(layout, gm, first).double() * weight)
+            self.add("u", _group_values(layout, gm, u).double() * weight)
+        self.add("batches", 1)
+
+    def _one(self, batch):
         gm = GatedModel(self.ctx)
         tangents = self._tangents(gm)
         if self._mode == "forward":
@@ -177,10 +188,7 @@ class SOSPH(_SOSP):
                 gm = GatedModel(self.ctx)
         if self._mode == "double-vjp":
             first, u = self._double_vjp(gm, batch, tangents)
-        layout = self._layout()
-        self.add("g", _group_values(layout, gm, first).double())
-        self.add("u", _group_values(layout, gm, u).double())
-        self.add("batches", 1)
+        return first, u, gm
 
     def _forward_mode(self, gm: GatedModel, batch, tangents):
         with forward_ad.dual_level():

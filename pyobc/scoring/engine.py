@@ -60,6 +60,18 @@ class Batch:
     size: int
     index: int
 
+    def split(self, size: int) -> list["Batch"]:
+        """Micro-batches of at most ``size`` samples: every tensor whose leading dim is the batch size
+        is sliced along it; everything else is shared."""
+        if size >= self.size:
+            return [self]
+
+        def part(start: int, stop: int) -> Any:
+            return _tree_map(lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == self.size else t, self.data)
+
+        return [Batch(part(i, min(i + size, self.size)), min(i + size, self.size) - i, self.index)
+                for i in range(0, self.size, size)]
+
 
 class _LossModule(nn.Module):
     """``loss_fn(model, batch)`` as a module, so ``torch.func.functional_call`` can swap parameters."""
@@ -96,6 +108,7 @@ class Context:
         self.called = set(self.modules) if called is None else set(called)
         self._loss_module = _LossModule(model, loss_fn)
         self._protect: set[str] = set()
+        self._separable_checked = False
 
     # -- parameters ----------------------------------------------------------------------------------
     @property
@@ -106,6 +119,31 @@ class Context:
     def member_params(self) -> list[str]:
         """Every parameter some group touches, in layout order."""
         return self.layout.params
+
+    # -- micro-batches -------------------------------------------------------------------------------
+    def micro_batches(self, batch: Batch, size: int | None) -> list[tuple[Batch, float]]:
+        """``batch`` as micro-batches of at most ``size`` samples with their weights ``n_i / N``.
+
+        Criteria that differentiate twice use this to bound memory: for a loss that is the mean of
+        per-sample terms (and a model in eval mode, where samples do not interact), every quantity they
+        accumulate is the weighted sum over micro-batches. That assumption is checked once, on the
+        first split batch, by comparing the loss with the weighted sum of the micro-batch losses.
+        """
+        if size is None or size >= batch.size:
+            return [(batch, 1.0)]
+        parts = batch.split(size)
+        if not self._separable_checked:
+            with torch.no_grad():
+                whole = self.loss(batch).double()
+                pieced = sum(self.loss(p).double() * (p.size / batch.size) for p in parts)
+            tol = 1e-5 * max(1.0, abs(float(whole)))
+            if abs(float(whole) - float(pieced)) > tol:
+                raise ValueError(
+                    f"micro-batching needs a loss that is the mean of per-sample terms, but the loss of "
+                    f"batch {batch.index} ({float(whole):.6g}) differs from the size-weighted mean of its "
+                    f"micro-batch losses ({float(pieced):.6g}); pass micro_batch=None")
+            self._separable_checked = True
+        return [(p, p.size / batch.size) for p in parts]
 
     # -- running the model ---------------------------------------------------------------------------
     def loss(self, batch: Batch, params: Mapping[str, torch.Tensor] | None = None,
@@ -324,13 +362,16 @@ def score(
         if loader is not None and first is None:
             raise ValueError("the loader yielded no batches")
         if example_inputs is None:
+            # trace on two samples of the first batch: the dependency graph does not depend on the
+            # batch size, and a full batch would cost a full forward's memory
+            probe = first.split(2)[0]
             if loss_fn is default_loss:
                 if not (isinstance(first.data, (tuple, list)) and len(first.data) == 2):
                     raise TypeError("batches must be (inputs, targets) pairs for the default cross-entropy "
                                     f"loss (got {type(first.data).__name__}); pass loss_fn for other shapes")
-                example_inputs, forward_fn = first.data[0], None
+                example_inputs, forward_fn = probe.data[0], None
             else:
-                example_inputs, forward_fn = _example_inputs(work_model, loss_fn, first)
+                example_inputs, forward_fn = _example_inputs(work_model, loss_fn, probe)
         else:
             forward_fn = None
             if move:

@@ -208,14 +208,18 @@ class GatedModel:
                 handles.append(module.register_forward_pre_hook(pre))
             if g_out is not None or how is not None:
                 def post(mod, args, y, g=g_out, d=d, how=how):
-                    if how == "all":
-                        y = y * (1 + eps)
-                    elif how == "weight":  # bias not scaled: y + eps * (y - b)
-                        b = mod.bias
-                        y = y + eps * (y - _view_at(b, y, d, False)) if b is not None else y * (1 + eps)
-                    if g is not None:
-                        y = y * _view_at(g, y, d, per_sample)
-                    return y
+                    # gate and eps combine into one per-channel multiplier, so the activation is
+                    # copied once: y' = g * (1 + eps) * y  (minus g * eps * b when eps spares the bias)
+                    scale = None if g is None else _view_at(g, y, d, per_sample)
+                    shift = None
+                    if how is not None:
+                        scale = (1 + eps) if scale is None else scale * (1 + eps)
+                        if how == "weight" and mod.bias is not None:
+                            shift = _view_at(mod.bias, y, d, False) * eps
+                            if g is not None:
+                                shift = shift * _view_at(g, y, d, per_sample)
+                    y = y * scale
+                    return y if shift is None else y - shift
                 handles.append(module.register_forward_hook(post))
         try:
             yield
