@@ -5,8 +5,8 @@ Heavy submodules (Torch-Pruning, the zoo, the scoring engine) are imported on fi
 
 Example:
     >>> import pyobc
-    >>> sorted(pyobc.methods())[:2]
-    ['jacobian', 'magnitude']
+    >>> "oba" in pyobc.methods()
+    True
 """
 from __future__ import annotations
 
@@ -19,11 +19,25 @@ _LAZY = {
     "ops": ("pyobc.ops", None),
     "models": ("pyobc.models", None),
     "datasets": ("pyobc.datasets", None),
+    "distributed": ("pyobc.distributed", None),
     "score": ("pyobc.scoring.engine", "score"),
     "Scores": ("pyobc.scores", "Scores"),
     "methods": ("pyobc.criteria", "methods"),
     "build_groups": ("pyobc.grouping", "build_groups"),
     "info": ("pyobc.info", "info"),
+    "pruning": ("pyobc.pruning", None),
+    "prune": ("pyobc.pruning.prune", "prune"),
+    "PruneReport": ("pyobc.pruning.report", "PruneReport"),
+    "count": ("pyobc.pruning.counting", "count"),
+    "save": ("pyobc.pruning.plan", "save"),
+    "load": ("pyobc.pruning.plan", "load"),
+    "Pruner": ("pyobc.pruning.pruner", "Pruner"),
+    "equivalent_prune": ("pyobc.pruning.equivalent", "equivalent_prune"),
+    "adapter_parameters": ("pyobc.pruning.equivalent", "adapter_parameters"),
+    "fold": ("pyobc.pruning.equivalent", "fold"),
+    "sparsify": ("pyobc.pruning.sparsify", "sparsify"),
+    "remove_masks": ("pyobc.pruning.sparsify", "remove_masks"),
+    "TorchPruningImportance": ("pyobc.pruning.torch_pruning", "TorchPruningImportance"),
 }
 
 

@@ -64,7 +64,10 @@ def run_demo(methods: Sequence[str] | None = None, *, ratio: float = 0.5, batche
     from pyobc import datasets, models
     from pyobc.masking import lowest_channels, zero_channels
 
-    methods = list(methods) if methods else list(pyobc.methods())
+    from pyobc.criteria import get_method
+
+    # every estimating criterion; the oracle measures (one pass per channel) and is left out
+    methods = list(methods) if methods else [m for m in pyobc.methods() if not get_method(m).evaluation_only]
     print(f"pyobc {pyobc.__version__} demo: ResNet-20 on UCI digits ({image_size}x{image_size}), "
           f"zeroing the lowest-scored {ratio:.0%} of each group's channels", file=out)
     model = models.trained("resnet20", image_size=image_size, channels=1, progress=progress)

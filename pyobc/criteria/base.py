@@ -43,6 +43,8 @@ class Criterion:
     description: ClassVar[str]
     granularities: ClassVar[tuple[str, ...]] = ("channel",)
     needs_data: ClassVar[bool] = True
+    #: measures rather than estimates (the oracle): left out of default comparisons and the demo
+    evaluation_only: ClassVar[bool] = False
     defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, ctx: Context, **options: Any):

@@ -94,12 +94,13 @@ class Context:
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[Group], loss_fn: LossFn, device: torch.device,
-                 granularity: str, called: set[str] | None = None):
+                 granularity: str, called: set[str] | None = None, progress: bool = False):
         self.model = model
         self.groups = list(groups)
         self.loss_fn = loss_fn
         self.device = device
         self.granularity = granularity
+        self.progress = progress  # criteria with long inner loops may show their own bar
         self.params: dict[str, torch.Tensor] = {
             n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
         self.layout = Layout(self.groups, self.params)
@@ -379,7 +380,7 @@ def score(
         called: set[str] = set()
         groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers, forward_fn=forward_fn,
                               called=called)
-        ctx = Context(work_model, groups, loss_fn, device, granularity, called=called)
+        ctx = Context(work_model, groups, loss_fn, device, granularity, called=called, progress=progress)
         criterion = spec(ctx, **options)
         n_batches = n_samples = 0
         if spec.needs_data:
