@@ -73,7 +73,8 @@ def _extensions():
         name="pyobc._C",
         sources=sources,
         # headers (and the CUDA sources, so that an sdist made on a CPU machine still has them)
-        depends=_rel("csrc/*.h") + _rel("csrc/*/*.h") + _rel("csrc/cuda/*.cu"),
+        depends=_rel("csrc/*.h") + _rel("csrc/*/*.h") + _rel("csrc/cuda/*.cuh")
+        + _rel("csrc/cuda/*.cu"),
         py_limited_api=True,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-Wl,--no-as-needed"],

@@ -11,7 +11,20 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
 #include <utility>
+#include <vector>
+
+// CPU leaves compiled twice on x86-64 Linux with GCC, for the baseline ISA and for x86-64-v3
+// (AVX2+FMA), picked at load time (ifunc): one portable wheel still uses the wide vector units.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(__CUDACC__)
+#define PYOBC_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PYOBC_MULTIVERSION
+#endif
 
 namespace pyobc {
 
@@ -33,6 +46,12 @@ inline const char* dtype_name(ScalarType t) {
     case ScalarType::Double: return "float64";
     case ScalarType::Half: return "float16";
     case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Long: return "int64";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Short: return "int16";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Bool: return "bool";
     default: return torch::headeronly::toString(t);
   }
 }
@@ -181,10 +200,229 @@ inline void check_weight_sums_args(const Tensor& w, const Tensor& t, int64_t gro
                   " does not divide the out-channel count ", w.size(0));
 }
 
+// t itself when contiguous (no dispatcher call), else a contiguous copy.
+inline Tensor as_contiguous(const Tensor& t) {
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
+
 inline Tensor new_output(std::initializer_list<int64_t> shape, ScalarType dtype,
                          const Tensor& like) {
   std::vector<int64_t> s(shape);
   return torch::stable::empty(s, dtype, torch::headeronly::Layout::Strided, like.device());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Index ops: csr_gather_sum / csr_gather_reduce and gather_channels (mirrors pyobc/ops/_meta.py)
+// ---------------------------------------------------------------------------------------------
+
+// Reads a `str` argument from a boxed stack slot and frees its handle. (The stable ABI's own
+// std::string unboxing in torch 2.10-2.13 leaks the string it builds, once per call.)
+inline std::string take_string(StableIValue v) {
+  StringHandle handle = torch::stable::detail::to<StringHandle>(v);
+  size_t length = 0;
+  const char* data = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_string_length(handle, &length));
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_string_c_str(handle, &data));
+  std::string s(data, length);
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_delete_string(handle));
+  return s;
+}
+
+// Reductions of csr_gather_reduce; the numbering is internal (the schema takes a string).
+enum class CsrReduce : int { Sum = 0, Amax = 1, CountNonzero = 2, MeanNonzero = 3 };
+
+inline CsrReduce parse_csr_reduce(const std::string& s) {
+  if (s == "amax") return CsrReduce::Amax;
+  if (s == "count_nonzero") return CsrReduce::CountNonzero;
+  if (s == "mean_nonzero") return CsrReduce::MeanNonzero;
+  STD_TORCH_CHECK(false, "csr_gather_reduce: reduce must be 'amax', 'count_nonzero' or "
+                  "'mean_nonzero', got '", s, "' (use csr_gather_sum for sums)");
+  return CsrReduce::Sum;
+}
+
+// The CSR kernels of each device share this signature; csr_gather_sum and csr_gather_reduce are
+// thin entries over it.
+using CsrImpl = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                           CsrReduce, const char*);
+
+// csr_gather_reduce boxed by hand, once for both devices: the stable ABI's std::string unboxing
+// (torch <= 2.13) never frees the string it makes, so the `str reduce` argument is read from its
+// handle here and the handle deleted (take_string).
+template <CsrImpl Impl>
+void csr_gather_reduce_boxed(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  STD_TORCH_CHECK(num_args == 4 && num_outputs == 1,
+                  "csr_gather_reduce: schema mismatch (expected 4 args, 1 output)");
+  namespace d = torch::stable::detail;
+  Tensor values = d::to<Tensor>(stack[0]);
+  Tensor rowptr = d::to<Tensor>(stack[1]);
+  Tensor col = d::to<Tensor>(stack[2]);
+  const std::string reduce = take_string(stack[3]);
+  stack[0] = d::from(Impl(values, rowptr, col, std::nullopt, parse_csr_reduce(reduce), "csr_gather_reduce"));
+}
+
+// Metadata checks of the CSR ops (no data is read): values (S,) or (R, S) float; rowptr (N+1,)
+// and col (nnz,) int64 vectors; weight (nnz,) with values' dtype; everything on one device.
+inline void check_csr_args(const Tensor& values, const Tensor& rowptr, const Tensor& col,
+                           const std::optional<Tensor>& weight, const char* op) {
+  const auto strided = torch::headeronly::Layout::Strided;
+  STD_TORCH_CHECK(values.layout() == strided && rowptr.layout() == strided &&
+                      col.layout() == strided,
+                  op, ": values, rowptr and col must be strided (dense) tensors");
+  const ScalarType t = values.scalar_type();
+  STD_TORCH_CHECK(is_supported_float(t), op,
+                  ": values must be float32, float64, float16 or bfloat16, got ", dtype_name(t));
+  STD_TORCH_CHECK(values.dim() == 1 || values.dim() == 2, op,
+                  ": values must be 1-d (S,) or 2-d (R, S), got ", values.dim(), " dims");
+  STD_TORCH_CHECK(rowptr.scalar_type() == ScalarType::Long, op, ": rowptr must be int64, got ",
+                  dtype_name(rowptr.scalar_type()));
+  STD_TORCH_CHECK(col.scalar_type() == ScalarType::Long, op, ": col must be int64, got ",
+                  dtype_name(col.scalar_type()));
+  STD_TORCH_CHECK(rowptr.dim() == 1 && rowptr.numel() >= 1, op,
+                  ": rowptr must be a 1-d tensor of N+1 >= 1 offsets");
+  STD_TORCH_CHECK(col.dim() == 1, op, ": col must be a 1-d tensor, got ", col.dim(), " dims");
+  STD_TORCH_CHECK(rowptr.device() == values.device() && col.device() == values.device(), op,
+                  ": values, rowptr and col must be on the same device");
+  if (weight.has_value()) {
+    const Tensor& w = *weight;
+    STD_TORCH_CHECK(w.layout() == strided, op, ": weight must be a strided (dense) tensor");
+    STD_TORCH_CHECK(w.scalar_type() == t, op, ": weight must have the dtype of values (",
+                    dtype_name(t), "), got ", dtype_name(w.scalar_type()));
+    STD_TORCH_CHECK(w.dim() == 1 && w.numel() == col.numel(), op,
+                    ": weight must be a 1-d tensor with one entry per col entry (", col.numel(),
+                    ")");
+    STD_TORCH_CHECK(w.device() == values.device(), op,
+                    ": weight must be on the device of values");
+  }
+}
+
+// dtypes gather_channels copies (byte-wise, so any fixed-size element type); quantized and
+// sub-byte/bit types are refused.
+inline bool is_gatherable(ScalarType t) {
+  switch (t) {
+    case ScalarType::Byte: case ScalarType::Char: case ScalarType::Short: case ScalarType::Int:
+    case ScalarType::Long: case ScalarType::Half: case ScalarType::Float: case ScalarType::Double:
+    case ScalarType::ComplexHalf: case ScalarType::ComplexFloat: case ScalarType::ComplexDouble:
+    case ScalarType::Bool: case ScalarType::BFloat16: case ScalarType::Float8_e5m2:
+    case ScalarType::Float8_e4m3fn: case ScalarType::Float8_e5m2fnuz:
+    case ScalarType::Float8_e4m3fnuz: case ScalarType::UInt16: case ScalarType::UInt32:
+    case ScalarType::UInt64: case ScalarType::Float8_e8m0fnu:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// One gather_channels entry seen as a strided (outer, D, inner) block: every dim before `dim`
+// must merge into one strided dim, and every dim after it too (true for contiguous tensors, any
+// slice/transpose of a 2-d tensor, and most views). Sizes of merged groups of no dims are 1.
+struct GatherView {
+  int64_t outer = 1, size = 1, inner = 1;          // sizes
+  int64_t s_outer = 0, s_dim = 0, s_inner = 0;     // strides, in elements
+};
+
+// Merges dims [b, e) into one (size, stride); false if they do not form one strided dim.
+// (A range holding a size-0 dim is empty: nothing is read, any stride does.)
+inline bool merge_dims(const int64_t* sizes, const int64_t* strides, int64_t b, int64_t e,
+                       int64_t* size, int64_t* stride) {
+  for (int64_t d = b; d < e; ++d) {
+    if (sizes[d] == 0) {
+      *size = 0;
+      *stride = 0;
+      return true;
+    }
+  }
+  int64_t sz = 1, st = 0;
+  bool started = false;
+  for (int64_t d = e - 1; d >= b; --d) {  // innermost first
+    const int64_t n = sizes[d];
+    if (n == 1) continue;
+    if (!started) {
+      sz = n;
+      st = strides[d];
+      started = true;
+    } else if (strides[d] == st * sz) {
+      sz *= n;
+    } else {
+      return false;
+    }
+  }
+  *size = sz;
+  *stride = st;
+  return true;
+}
+
+inline bool gather_view(const Tensor& t, int64_t dim, GatherView* v) {
+  const auto sz = t.sizes();
+  const auto st = t.strides();
+  const int64_t nd = static_cast<int64_t>(sz.size());
+  v->size = sz[dim];
+  v->s_dim = st[dim];
+  int64_t numel = 1;
+  for (int64_t d = 0; d < nd; ++d) numel *= sz[d];
+  if (numel == 0) {  // nothing is read: only the output's (outer, inner) sizes matter
+    v->outer = v->inner = 1;
+    for (int64_t d = 0; d < dim; ++d) v->outer *= sz[d];
+    for (int64_t d = dim + 1; d < nd; ++d) v->inner *= sz[d];
+    v->s_outer = v->s_inner = 0;
+    return true;
+  }
+  return merge_dims(sz.data(), st.data(), 0, dim, &v->outer, &v->s_outer) &&
+         merge_dims(sz.data(), st.data(), dim + 1, nd, &v->inner, &v->s_inner);
+}
+
+// Metadata checks of gather_channels (index values are checked by the kernels); returns the
+// normalised dims.
+inline std::vector<int64_t> check_gather_args(const std::vector<Tensor>& tensors,
+                                              const std::vector<int64_t>& dims,
+                                              const std::vector<Tensor>& indices) {
+  STD_TORCH_CHECK(tensors.size() == dims.size() && tensors.size() == indices.size(),
+                  "gather_channels: got ", tensors.size(), " tensors, ", dims.size(),
+                  " dims and ", indices.size(), " index tensors; the three lists must have the "
+                  "same length");
+  std::vector<int64_t> out(dims.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    const Tensor& idx = indices[i];
+    STD_TORCH_CHECK(t.layout() == torch::headeronly::Layout::Strided, "gather_channels: tensors[",
+                    i, "] must be a strided (dense) tensor");
+    STD_TORCH_CHECK(is_gatherable(t.scalar_type()), "gather_channels: tensors[", i,
+                    "] has unsupported dtype ", dtype_name(t.scalar_type()));
+    const int64_t nd = t.dim();
+    STD_TORCH_CHECK(nd >= 1, "gather_channels: tensors[", i, "] must have at least 1 dim");
+    STD_TORCH_CHECK(nd <= 64, "gather_channels: at most 64 dims are supported");
+    int64_t d = dims[i];
+    STD_TORCH_CHECK(d >= -nd && d < nd, "gather_channels: dims[", i, "]=", d,
+                    " is out of range for a ", nd, "-d tensor");
+    if (d < 0) d += nd;
+    out[i] = d;
+    STD_TORCH_CHECK(idx.layout() == torch::headeronly::Layout::Strided &&
+                        idx.scalar_type() == ScalarType::Long && idx.dim() == 1,
+                    "gather_channels: indices[", i, "] must be a 1-d int64 tensor");
+    STD_TORCH_CHECK(idx.device() == t.device(), "gather_channels: indices[", i,
+                    "] must be on the device of tensors[", i, "]");
+  }
+  return out;
+}
+
+// A new contiguous tensor on the device of `like`, allocated through the stable C shim directly
+// (aoti_torch_empty_strided: no boxed dispatcher call, which matters when an op makes hundreds of
+// outputs).
+inline Tensor new_output(const std::vector<int64_t>& shape, ScalarType dtype,
+                         const Tensor& like) {
+  const int64_t nd = static_cast<int64_t>(shape.size());
+  std::vector<int64_t> strides(shape.size());
+  int64_t st = 1;
+  for (int64_t d = nd - 1; d >= 0; --d) {
+    strides[d] = st;
+    st *= std::max<int64_t>(shape[d], 1);
+  }
+  namespace sd = torch::stable::detail;
+  const auto device = like.device();
+  AtenTensorHandle handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      nd, shape.data(), strides.data(), sd::to<int32_t>(sd::from(dtype)),
+      sd::to<int32_t>(sd::from(device.type())), device.index(), &handle));
+  return Tensor(handle);
 }
 
 }  // namespace pyobc

@@ -7,4 +7,7 @@
 STABLE_TORCH_LIBRARY(pyobc, m) {
   m.def("channel_dot(Tensor a, Tensor b, int dim, bool per_sample=False) -> Tensor");
   m.def("weight_channel_sums(Tensor w, Tensor t, int groups=1) -> (Tensor, Tensor)");
+  m.def("csr_gather_sum(Tensor values, Tensor rowptr, Tensor col, Tensor? weight=None) -> Tensor");
+  m.def("csr_gather_reduce(Tensor values, Tensor rowptr, Tensor col, str reduce) -> Tensor");
+  m.def("gather_channels(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]");
 }

@@ -300,6 +300,15 @@ def test_schemas_match_csrc():
         assert registered == f"pyobc::{spec.schema}"
 
 
+def test_info_lists_every_op_with_its_backends():
+    from pyobc.info import format_info
+    lines = format_info().splitlines()
+    for spec in _registry.OPS:
+        row = [line.split() for line in lines if line.split()[:1] == [spec.name]]
+        assert len(row) == 1, spec.name
+        assert row[0][1] in ("compiled", "reference") and row[0][2] in ("compiled", "reference")
+
+
 def test_backend_report_shape():
     report = ops.backend_report()
     assert set(report) == {"extension", "cuda_available", "ops"}
@@ -313,8 +322,49 @@ def test_backend_report_shape():
     assert ops.backend_report()["ops"]
 
 
+# The same fixed-seed calls of every op, run by this process (compiled kernels when loaded) and by
+# a subprocess with PYOBC_DISABLE_EXT=1 (the registered reference kernels): their results must
+# agree. Executed from source in both processes.
+_AGREEMENT_CODE = textwrap.dedent("""
+    def agreement_cases():
+        import torch
+        import pyobc.ops as ops
+        g = torch.Generator().manual_seed(123)
+
+        def r(*shape, dtype=torch.float32):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+        a, b = r(4, 6, 5, 5), r(4, 6, 5, 5)
+        a64, b64 = r(3, 7, 9, dtype=torch.float64), r(3, 7, 9, dtype=torch.float64)
+        w, t = r(6, 2, 3, 3), r(6, 2, 3, 3)
+        wh, th = r(8, 4, 3, dtype=torch.bfloat16), r(8, 4, 3, dtype=torch.bfloat16)
+        rowptr, col = torch.tensor([0, 3, 3, 5, 9, 12]), torch.randint(0, 11, (12,), generator=g)
+        v = r(3, 11)
+        v[0, :4] = 0
+        v16 = r(11, 3, dtype=torch.float16).t()   # (3, 11) with strides (1, 3)
+        wts = r(12)
+        ts = [r(6, 4, 3), torch.randint(-5, 5, (5, 7), generator=g),
+              r(6, 4, dtype=torch.bfloat16).t(), r(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+              torch.rand(4, 3, generator=g) > 0.5]
+        idx = [torch.tensor([5, 0, 0]), torch.tensor([6, 1]), torch.tensor([2, 3, 0]),
+               torch.tensor([1, 0]), torch.tensor([], dtype=torch.long)]
+        return {
+            "channel_dot": lambda: ops.channel_dot(a, b, 1, per_sample=True),
+            "channel_dot_f64": lambda: ops.channel_dot(a64, b64, -1),
+            "weight_channel_sums": lambda: ops.weight_channel_sums(w, t, 3),
+            "weight_channel_sums_bf16": lambda: ops.weight_channel_sums(wh, th, 2),
+            "csr_gather_sum": lambda: ops.csr_gather_sum(v, rowptr, col, wts),
+            "csr_gather_sum_1d": lambda: ops.csr_gather_sum(v[1], rowptr, col),
+            "csr_gather_sum_f16": lambda: ops.csr_gather_sum(v16, rowptr, col),
+            "amax": lambda: ops.csr_gather_reduce(v, rowptr, col, "amax"),
+            "count_nonzero": lambda: ops.csr_gather_reduce(v, rowptr, col, "count_nonzero"),
+            "mean_nonzero": lambda: ops.csr_gather_reduce(v, rowptr, col, "mean_nonzero"),
+            "gather_channels": lambda: ops.gather_channels(ts, [0, -1, 1, 1, 1], idx),
+        }
+""")
+
 _SUBPROCESS_CHECK = textwrap.dedent("""
-    import json, warnings
+    import json, os, warnings
     warnings.simplefilter("error", RuntimeWarning)   # disabled on purpose: must not warn
     import torch, pyobc.ops as ops
     from pyobc.ops import _reference
@@ -322,6 +372,9 @@ _SUBPROCESS_CHECK = textwrap.dedent("""
     w = torch.randn(6, 2, 3, 3); t = torch.randn(6, 2, 3, 3)
     cd = ops.channel_dot(a, b, 1, per_sample=True)
     ws = ops.weight_channel_sums(w, t, 3)
+    exec(os.environ["PYOBC_AGREEMENT_CODE"])
+    torch.save({name: fn() for name, fn in agreement_cases().items()},
+               os.environ["PYOBC_AGREEMENT_OUT"])
     print(json.dumps({
         "report": ops.backend_report(),
         "cd_err": (cd.double() - (a.double() * b.double()).sum((2, 3))).abs().max().item(),
@@ -350,17 +403,22 @@ _FAILED_LOAD_CHECK = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module", autouse=True)
-def subprocess_results():
+def subprocess_results(tmp_path_factory):
     """Starts the fallback checks in fresh interpreters when this module's first test runs, so
     that their torch import overlaps with the other tests; the tests below wait for them."""
+    out = tmp_path_factory.mktemp("agreement") / "reference.pt"
     runs = {"disabled": (_SUBPROCESS_CHECK, "1"), "failed": (_FAILED_LOAD_CHECK, "0")}
     procs = {name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
-                                    env=dict(os.environ, PYOBC_DISABLE_EXT=flag))
+                                    env=dict(os.environ, PYOBC_DISABLE_EXT=flag,
+                                             OMP_NUM_THREADS="1",
+                                             PYOBC_AGREEMENT_CODE=_AGREEMENT_CODE,
+                                             PYOBC_AGREEMENT_OUT=str(out)))
              for name, (code, flag) in runs.items()}
+    procs["agreement_file"] = out
     yield procs
-    for proc in procs.values():
-        if proc.poll() is None:
+    for name, proc in procs.items():
+        if name != "agreement_file" and proc.poll() is None:
             proc.kill()
             proc.communicate()
 
@@ -378,6 +436,29 @@ def test_disabled_extension_uses_reference(subprocess_results):
     for info in report["ops"].values():
         assert info["cpu"] == "reference" and info["cuda"] == "reference"
     assert out["cd_err"] < 1e-5 and out["ws_err"] < 1e-5 and out["grad_ok"]
+
+
+def test_both_paths_agree(subprocess_results):
+    """Every op, same inputs: this process's kernels (compiled unless disabled) against the
+    reference kernels of a PYOBC_DISABLE_EXT=1 interpreter."""
+    _result(subprocess_results, "disabled")
+    reference = torch.load(subprocess_results["agreement_file"], weights_only=True)
+    namespace: dict = {}
+    exec(_AGREEMENT_CODE, namespace)
+    cases = namespace["agreement_cases"]()
+    assert set(reference) == set(cases)
+    for name, fn in cases.items():
+        got = torch.utils._pytree.tree_leaves(fn())
+        want = torch.utils._pytree.tree_leaves(reference[name])
+        assert len(got) == len(want), name
+        for x, y in zip(got, want):
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            if x.dtype.is_floating_point and name not in ("gather_channels", "amax",
+                                                          "count_nonzero"):
+                tol = 1e-6 if x.dtype in (torch.float32, torch.float64) else 1e-2
+                torch.testing.assert_close(x, y, rtol=tol, atol=tol, msg=name)
+            else:  # pure data movement / exact reductions: bit-identical
+                assert torch.equal(x, y), name
 
 
 def test_failed_load_warns_once_and_falls_back(subprocess_results):
@@ -402,7 +483,8 @@ def test_gradcheck_channel_dot():
         assert torch.autograd.gradcheck(lambda x, y: ops.channel_dot(x, y, dim, ps), (a, b))
     a = make((3, 4, 5), torch.float64, seed=3).requires_grad_()
     b = make((3, 4, 5), torch.float64, seed=4).requires_grad_()
-    assert torch.autograd.gradgradcheck(lambda x, y: ops.channel_dot(x, y, 1, True), (a, b))
+    assert torch.autograd.gradgradcheck(lambda x, y: ops.channel_dot(x, y, 1, True), (a, b),
+                                        fast_mode=True)
 
 
 def test_gradcheck_weight_channel_sums():
@@ -414,7 +496,8 @@ def test_gradcheck_weight_channel_sums():
     w = make((4, 2, 3), torch.float64, seed=3).requires_grad_()
     t = make((4, 2, 3), torch.float64, seed=4).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, y: ops.weight_channel_sums(x, y, 2)[1], (w, t))
-    assert torch.autograd.gradgradcheck(lambda x, y: ops.weight_channel_sums(x, y, 2), (w, t))
+    assert torch.autograd.gradgradcheck(lambda x, y: ops.weight_channel_sums(x, y, 2), (w, t),
+                                        fast_mode=True)
 
 
 def test_low_precision_grad_dtype():
@@ -425,9 +508,20 @@ def test_low_precision_grad_dtype():
     torch.testing.assert_close(a.grad, b, rtol=0, atol=0)
 
 
+def _csr_sample(device="cpu", seed=0):
+    """A CSR map with an empty row, a repeated column and entries out of column order."""
+    rowptr = torch.tensor([0, 2, 2, 5, 6], device=device)
+    col = torch.tensor([4, 0, 1, 1, 3, 2], device=device)
+    return rowptr, col
+
+
 def _opcheck_samples(device="cpu"):
     cd, ws = torch.ops.pyobc.channel_dot.default, torch.ops.pyobc.weight_channel_sums.default
+    cs, cr = torch.ops.pyobc.csr_gather_sum.default, torch.ops.pyobc.csr_gather_reduce.default
+    gc = torch.ops.pyobc.gather_channels.default
     f64 = torch.float64
+    rowptr, col = _csr_sample(device)
+    full_rowptr = torch.tensor([0, 2, 3, 5, 6], device=device)  # no empty row (amax: finite)
     samples = []
     for grad in (False, True):
         def mk(shape, layout="contiguous", seed=0, dtype=torch.float32):
@@ -441,13 +535,93 @@ def _opcheck_samples(device="cpu"):
             (ws, (mk((6, 2, 3, 3), seed=5), mk((6, 2, 3, 3), seed=6), 3)),
             (ws, (mk((5, 4), seed=7, dtype=f64), mk((5, 4), seed=8, dtype=f64), 1)),
         ]
+    # the index ops: a few samples, most with gradients
+    grad_ = dict(dtype=torch.float64)
+    samples += [
+        (cs, (make((5,), seed=9, device=device), rowptr, col, None)),
+        (cs, (make((3, 5), seed=10, device=device, **grad_).requires_grad_(), rowptr, col,
+              make((6,), seed=11, device=device, **grad_).requires_grad_())),
+        (cs, (make((3, 5), layout="transposed", seed=12, device=device).requires_grad_(),
+              rowptr, col, None)),
+        (cr, (make((2, 5), seed=13, device=device, **grad_).requires_grad_(), full_rowptr, col,
+              "amax")),
+        (cr, (make((2, 5), seed=14, device=device, **grad_).requires_grad_(), rowptr, col,
+              "mean_nonzero")),
+        (cr, (make((5,), seed=15, device=device), rowptr, col, "count_nonzero")),
+        (gc, ([make((4, 3, 2), seed=16, device=device, **grad_).requires_grad_(),
+               torch.arange(12, device=device).reshape(3, 4),
+               make((3, 5), layout="transposed", seed=17, device=device).requires_grad_()],
+              [1, -1, 0],
+              [torch.tensor([2, 0, 2], device=device), torch.tensor([3, 1], device=device),
+               torch.tensor([1], device=device)])),
+        (gc, ([make((6,), seed=18, device=device, dtype=torch.bfloat16)], [0],
+              [torch.tensor([], dtype=torch.long, device=device)])),
+    ]
     return samples
 
 
-@pytest.mark.parametrize("index", range(10))
+N_OPCHECK = 18
+
+
+@pytest.mark.parametrize("index", range(N_OPCHECK))
 def test_opcheck(index):
     op, args = _opcheck_samples()[index]
     torch.library.opcheck(op, args)
+
+
+def test_opcheck_sample_count():
+    assert len(_opcheck_samples()) == N_OPCHECK
+
+
+def test_gradcheck_csr_ops():
+    rowptr, col = _csr_sample()
+    full_rowptr = torch.tensor([0, 2, 3, 5, 6])
+    v = make((3, 5), torch.float64, seed=1).requires_grad_()
+    w = make((6,), torch.float64, seed=2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: ops.csr_gather_sum(x, rowptr, col, y), (v, w))
+    assert torch.autograd.gradgradcheck(lambda x, y: ops.csr_gather_sum(x, rowptr, col, y),
+                                        (v, w), fast_mode=True)
+    v1 = make((5,), torch.float64, layout="sliced", seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ops.csr_gather_sum(x, rowptr, col), (v1,))
+    for reduce, rp in (("amax", full_rowptr), ("mean_nonzero", rowptr)):
+        assert torch.autograd.gradcheck(lambda x: ops.csr_gather_reduce(x, rp, col, reduce), (v,))
+        assert torch.autograd.gradgradcheck(
+            lambda x: ops.csr_gather_reduce(x, rp, col, reduce), (v,), fast_mode=True)
+
+
+def test_csr_reduce_gradient_rules():
+    # amax: ties share the gradient (as torch.amax); mean_nonzero: grad / count for every entry
+    rowptr, col = torch.tensor([0, 3]), torch.tensor([0, 1, 2])
+    v = torch.tensor([2.0, 2.0, 1.0], requires_grad=True)
+    ops.csr_gather_reduce(v, rowptr, col, "amax").sum().backward()
+    assert v.grad.tolist() == [0.5, 0.5, 0.0]
+    v = torch.tensor([0.0, 3.0, 1.0], requires_grad=True)
+    out = ops.csr_gather_reduce(v, rowptr, col, "mean_nonzero")
+    assert out.item() == 2.0
+    out.sum().backward()
+    assert v.grad.tolist() == [0.5, 0.5, 0.5]
+    v.grad = None
+    out = ops.csr_gather_reduce(v, rowptr, col, "count_nonzero")
+    assert out.item() == 2.0
+    out.sum().backward()  # a step function: no gradient
+    assert v.grad is None or not v.grad.any()
+
+
+def test_gradcheck_gather_channels():
+    x = make((4, 3, 2), torch.float64, seed=1).requires_grad_()
+    y = make((5, 3), torch.float64, layout="transposed", seed=2).requires_grad_()
+    ints = torch.arange(6).reshape(2, 3)
+    idx = [torch.tensor([2, 0, 2]), torch.tensor([1]), torch.tensor([4, 4, 0])]
+
+    def f(a, b):
+        return ops.gather_channels([a, ints, b], [1, 0, 0], idx)[::2]
+
+    assert torch.autograd.gradcheck(f, (x, y))
+    assert torch.autograd.gradgradcheck(f, (x, y), fast_mode=True)
+    outs = ops.gather_channels([ints, x], [1, -1], [torch.tensor([0]), torch.tensor([1, 1])])
+    outs[1].sum().backward()
+    assert torch.equal(x.grad[..., 1], torch.full((4, 3), 2.0, dtype=torch.float64))
+    assert not outs[0].requires_grad
 
 
 def test_torch_compile_fullgraph():
@@ -466,6 +640,31 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(a.grad, 2 * b)
 
 
+def test_torch_compile_index_ops_fullgraph():
+    rowptr, col = _csr_sample()
+    full_rowptr = torch.tensor([0, 2, 3, 5, 6])
+
+    def f(v, w, x):
+        s = ops.csr_gather_sum(v, rowptr, col, w)
+        m = ops.csr_gather_reduce(v, full_rowptr, col, "amax")
+        k = ops.csr_gather_reduce(v, rowptr, col, "mean_nonzero")
+        a, b = ops.gather_channels([x, v], [0, 1], [torch.tensor([2, 0]), torch.tensor([4])])
+        return s * 2, m, k, a + 1, b
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    v = make((3, 5), seed=1).requires_grad_()
+    w = make((6,), seed=2)
+    x = make((3, 4), seed=3).requires_grad_()
+    for got, want in zip(compiled(v, w, x), f(v, w, x)):
+        torch.testing.assert_close(got, want)
+    sum(o.sum() for o in compiled(v, w, x)).backward()
+    gv, gx = v.grad.clone(), x.grad.clone()
+    v.grad = x.grad = None
+    sum(o.sum() for o in f(v, w, x)).backward()
+    torch.testing.assert_close(gv, v.grad)
+    torch.testing.assert_close(gx, x.grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # argument errors
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +672,9 @@ def test_torch_compile_fullgraph():
 # explicit dtypes: other test modules change torch's default dtype at import time
 _x = torch.randn(3, 4, 5, dtype=torch.float32)
 _w = torch.randn(6, 2, 3, dtype=torch.float32)
+_v = torch.randn(2, 5, dtype=torch.float32)
+_rp, _col = torch.tensor([0, 2, 2, 6]), torch.tensor([4, 0, 1, 1, 3, 2])
+_i = torch.tensor([0, 2, 0])
 
 ERROR_CASES = [
     ("shape", lambda: ops.channel_dot(_x, _x[:2]), ValueError, "a and b must have the same shape"),
@@ -495,6 +697,60 @@ ERROR_CASES = [
     ("groups 0", lambda: ops.weight_channel_sums(_w, _w, 0), ValueError, "groups must be >= 1"),
     ("groups type", lambda: ops.weight_channel_sums(_w, _w, "2"), TypeError,
      "groups must be an int"),
+    ("csr values int", lambda: ops.csr_gather_sum(_rp, _rp, _col), TypeError,
+     "values must be float32"),
+    ("csr rowptr int32", lambda: ops.csr_gather_sum(_v, _rp.int(), _col), TypeError,
+     "rowptr must be int64"),
+    ("csr col float", lambda: ops.csr_gather_sum(_v, _rp, _col.float()), TypeError,
+     "col must be int64"),
+    ("csr 3-d", lambda: ops.csr_gather_sum(_v.reshape(1, 2, 5), _rp, _col), ValueError,
+     "values must be 1-d (S,) or 2-d (R, S)"),
+    ("csr rowptr 2-d", lambda: ops.csr_gather_sum(_v, _rp.reshape(1, -1), _col), ValueError,
+     "rowptr must be a 1-d tensor"),
+    ("csr rowptr empty", lambda: ops.csr_gather_sum(_v, _rp[:0], _col), ValueError,
+     "N+1 >= 1 offsets"),
+    ("csr weight len", lambda: ops.csr_gather_sum(_v, _rp, _col, _v[0, :3]), ValueError,
+     "one entry per col entry (6)"),
+    ("csr weight dtype", lambda: ops.csr_gather_sum(_v, _rp, _col, _v[0, :6].double()),
+     TypeError, "weight must have the dtype of values"),
+    ("csr device", lambda: ops.csr_gather_sum(_v, _rp.to("meta"), _col), ValueError,
+     "same device"),
+    ("csr col range", lambda: ops.csr_gather_sum(_v, _rp, _col + 1), RuntimeError,
+     "col has entries outside [0, 5)"),
+    ("csr col negative", lambda: ops.csr_gather_sum(_v, _rp, _col - 1), RuntimeError,
+     "col has entries outside [0, 5)"),
+    ("csr rowptr start", lambda: ops.csr_gather_sum(_v, _rp + 1, _col), RuntimeError,
+     "rowptr[0] must be 0"),
+    ("csr rowptr order", lambda: ops.csr_gather_sum(_v, torch.tensor([0, 4, 2, 6]), _col),
+     RuntimeError, "rowptr must be non-decreasing"),
+    ("csr rowptr end", lambda: ops.csr_gather_sum(_v, torch.tensor([0, 2, 5]), _col),
+     RuntimeError, "must equal the number of entries col.numel()=6"),
+    ("reduce name", lambda: ops.csr_gather_reduce(_v, _rp, _col, "max"), ValueError,
+     "reduce must be 'amax', 'count_nonzero' or 'mean_nonzero', got 'max'"),
+    ("reduce type", lambda: ops.csr_gather_reduce(_v, _rp, _col, 1), TypeError,
+     "reduce must be a str"),
+    ("gather lengths", lambda: ops.gather_channels([_x], [0, 1], [_i]), ValueError,
+     "got 1 tensors, 2 dims and 1 index tensors"),
+    ("gather not list", lambda: ops.gather_channels(_x, [0], [_i]), TypeError,
+     "tensors must be a list or tuple"),
+    ("gather dim", lambda: ops.gather_channels([_x], [3], [_i]), ValueError,
+     "dims[0]=3 is out of range for a 3-d tensor"),
+    ("gather dim neg", lambda: ops.gather_channels([_x], [-4], [_i]), ValueError,
+     "dims[0]=-4 is out of range"),
+    ("gather dim type", lambda: ops.gather_channels([_x], [0.0], [_i]), TypeError,
+     "dims[0] must be an int"),
+    ("gather index dtype", lambda: ops.gather_channels([_x], [0], [_i.int()]), TypeError,
+     "indices[0] must be a 1-d int64 tensor"),
+    ("gather index 2-d", lambda: ops.gather_channels([_x], [0], [_i.reshape(1, -1)]),
+     ValueError, "indices[0] must be a 1-d int64 tensor"),
+    ("gather scalar", lambda: ops.gather_channels([_x[0, 0, 0]], [0], [_i]), ValueError,
+     "at least 1 dim"),
+    ("gather range", lambda: ops.gather_channels([_x, _x], [0, 1], [_i, _i + 3]),
+     RuntimeError, "indices[1] has entries outside [0, 4) (the size of dim 1 of tensors[1])"),
+    ("gather negative", lambda: ops.gather_channels([_x], [2], [_i - 1]), RuntimeError,
+     "indices[0] has entries outside [0, 5)"),
+    ("gather bits dtype", lambda: ops.gather_channels(
+        [torch.empty(3, 4, dtype=torch.bits8)], [0], [_i]), TypeError, "unsupported dtype"),
 ]
 
 
@@ -513,6 +769,17 @@ def test_argument_errors(name, call, exc, match):
     (lambda: torch.ops.pyobc.weight_channel_sums(_w, _w, 4), "does not divide"),
     (lambda: torch.ops.pyobc.weight_channel_sums(_w, _w, 0), "groups must be >= 1"),
     (lambda: torch.ops.pyobc.weight_channel_sums(_w[0, 0], _w[0, 0]), "at least 2 dims"),
+    (lambda: torch.ops.pyobc.csr_gather_sum(_v, _rp, _col + 1), "col has entries outside"),
+    (lambda: torch.ops.pyobc.csr_gather_sum(_v, _rp.int(), _col), "rowptr must be int64"),
+    (lambda: torch.ops.pyobc.csr_gather_sum(_v, torch.tensor([0, 4, 2, 6]), _col),
+     "non-decreasing"),
+    (lambda: torch.ops.pyobc.csr_gather_sum(_v, _rp, _col, _v[0, :3]), "one entry per col"),
+    (lambda: torch.ops.pyobc.csr_gather_reduce(_v, _rp, _col, "max"), "reduce must be"),
+    (lambda: torch.ops.pyobc.csr_gather_reduce(_v, _rp, _col - 1, "amax"), "outside [0, 5)"),
+    (lambda: torch.ops.pyobc.gather_channels([_x], [0, 1], [_i]), "same length"),
+    (lambda: torch.ops.pyobc.gather_channels([_x], [3], [_i]), "out of range"),
+    (lambda: torch.ops.pyobc.gather_channels([_x], [1], [_i + 2]), "entries outside [0, 4)"),
+    (lambda: torch.ops.pyobc.gather_channels([_x], [1], [_i.int()]), "int64"),
 ])
 def test_direct_op_calls_reject_bad_arguments(call, match):
     # the C++ checks (compiled) or the reference's checks (fallback): never a crash or garbage
@@ -573,7 +840,84 @@ def test_cuda_empty_and_unaligned():
 
 
 @needs_cuda
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(N_OPCHECK))
 def test_cuda_opcheck(index):
     op, args = _opcheck_samples("cuda")[index]
     torch.library.opcheck(op, args)
+
+
+def _random_csr(n_rows, n_cols, max_per_row, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, max_per_row + 1, (n_rows,), generator=gen)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    col = torch.randint(0, max(n_cols, 1), (int(rowptr[-1]),), generator=gen)
+    return rowptr.to(device), col.to(device)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_cuda_csr_ops_match_cpu(dtype):
+    # short rows (thread per output) and long rows (warp per output); 1-d, 2-d, strided values
+    for n_rows, n_cols, per_row, rows in [(7, 11, 3, None), (300, 1000, 4, 5), (40, 500, 90, 3),
+                                          (5, 64, 200, None), (0, 4, 2, 2), (6, 0, 0, 2)]:
+        rowptr, col = _random_csr(n_rows, n_cols, per_row, seed=n_rows)
+        shape = (n_cols,) if rows is None else (rows, n_cols)
+        for layout in ("contiguous", "transposed") if rows else ("contiguous",):
+            v = make(shape, dtype, layout, seed=1)
+            v.mul_((make(shape, torch.float32, layout, seed=3) > -0.6).to(dtype))  # some zeros
+            w = make((col.numel(),), dtype, seed=2)
+            vc, rc, cc, wc = v.cuda(), rowptr.cuda(), col.cuda(), w.cuda()
+            pairs = [(ops.csr_gather_sum(vc, rc, cc), ops.csr_gather_sum(v, rowptr, col)),
+                     (ops.csr_gather_sum(vc, rc, cc, wc), ops.csr_gather_sum(v, rowptr, col, w))]
+            pairs += [(ops.csr_gather_reduce(vc, rc, cc, r),
+                       ops.csr_gather_reduce(v, rowptr, col, r))
+                      for r in ("amax", "count_nonzero", "mean_nonzero")]
+            for got, want in pairs:
+                assert got.device.type == "cuda" and got.dtype == dtype
+                tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+                torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+            # deterministic: the same bits every call
+            assert torch.equal(ops.csr_gather_sum(vc, rc, cc, wc),
+                               ops.csr_gather_sum(vc, rc, cc, wc))
+
+
+@needs_cuda
+def test_cuda_csr_bad_indices():
+    v = torch.randn(2, 5, device="cuda")
+    rowptr, col = torch.tensor([0, 2, 3], device="cuda"), torch.tensor([0, 7, 1], device="cuda")
+    with pytest.raises(RuntimeError, match=re.escape("col has entries outside [0, 5)")):
+        ops.csr_gather_sum(v, rowptr, col)
+    # unchecked: never an out-of-bounds read; the affected output is NaN, the others exact
+    out = ops.csr_gather_sum(v, rowptr, col, check=False).cpu()
+    assert out[:, 0].isnan().all() and torch.equal(out[:, 1], v[:, 1].cpu())
+    out = ops.csr_gather_reduce(v, torch.tensor([0, 9, 3], device="cuda"),
+                                torch.tensor([0, 1, 1], device="cuda"), "amax", check=False)
+    assert out.isnan().all()
+
+
+@needs_cuda
+def test_cuda_gather_channels_matches_cpu():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [make((64, 32, 3, 3), seed=1), make((64,), seed=2),
+               make((33, 17), layout="transposed", seed=3),
+               make((8, 16, 5, 5), layout="channels_last", seed=4),
+               torch.randint(-9, 9, (7, 5), generator=gen),
+               torch.rand(6, 4, generator=gen) > 0.5,
+               make((4, 6), seed=5).to(torch.complex128), make((10, 3), seed=6).half(),
+               make((3, 1001), seed=7)[:, 1:],  # unaligned
+               make((5, 0, 3), seed=8), make((512, 256, 3, 3), seed=9)]
+    dims = [0, 0, 1, 0, -1, 1, 0, 1, -1, 2, 1]
+    idx = [torch.randperm(64, generator=gen)[:40], torch.arange(0, 64, 2),
+           torch.tensor([16, 0, 3]), torch.tensor([7, 7, 1]), torch.tensor([4, 0]),
+           torch.tensor([], dtype=torch.long), torch.tensor([3, 1]), torch.tensor([2, 2, 0]),
+           torch.arange(999, -1, -3), torch.tensor([1]), torch.randperm(256, generator=gen)[:128]]
+    want = ops.gather_channels(tensors, dims, idx)
+    got = ops.gather_channels([t.cuda() for t in tensors], dims, [i.cuda() for i in idx])
+    for g, w in zip(got, want):
+        assert g.device.type == "cuda" and g.is_contiguous() and torch.equal(g.cpu(), w)
+    with pytest.raises(RuntimeError, match=re.escape("indices[1] has entries outside [0, 64)")):
+        ops.gather_channels([t.cuda() for t in tensors[:2]], [0, 0],
+                            [idx[0].cuda(), torch.tensor([0, 64], device="cuda")])
+    # mixed devices: one call per device, results in order
+    mixed = ops.gather_channels([tensors[0], tensors[1].cuda()], [0, 0], [idx[0], idx[1].cuda()])
+    assert mixed[0].device.type == "cpu" and mixed[1].device.type == "cuda"

@@ -17,11 +17,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define PYOBC_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PYOBC_MULTIVERSION
-#endif
 #define PYOBC_INLINE inline __attribute__((always_inline))
 
 namespace pyobc {

@@ -11,37 +11,12 @@
 // reduces at least 8 rows, or at least 4 loads per lane) and bounded by items x output size.
 // Accumulation: float64 for float32/float64 input, float32 for float16/bfloat16.
 // Loads are 16-byte vectors when the sizes and base addresses allow it.
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <torch/csrc/stable/accelerator.h>
-#include <torch/csrc/stable/macros.h>
-
-#include "../common.h"
+#include "cuda_common.cuh"
 
 namespace pyobc {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = 8;
-constexpr int kThreads = kWarpSize * kWarpsPerBlock;
-
-// Storage types of the 16-bit floats (converted by hand, so no c10 type is needed on the device).
-struct half_bits {
-  uint16_t x;
-};
-struct bf16_bits {
-  uint16_t x;
-};
-
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ double widen(double v) { return v; }
-__device__ __forceinline__ float widen(half_bits v) {
-  return __half2float(__ushort_as_half(v.x));
-}
-__device__ __forceinline__ float widen(bf16_bits v) {
-  return __uint_as_float(static_cast<unsigned int>(v.x) << 16);
-}
+using namespace pyobc::cuda;
 
 template <typename T> struct Traits {  // float32
   using acc = double;
@@ -74,12 +49,6 @@ __device__ __forceinline__ Acc mul(T a, T b) {
   return static_cast<Acc>(widen(a)) * static_cast<Acc>(widen(b));
 }
 
-template <typename Acc>
-__device__ __forceinline__ Acc warp_sum(Acc v) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // ---------------------------------------------------------------------------------------------
 // channel_dot, small K (channel innermost or nearly): lanes over channels.
@@ -309,32 +278,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------------------------
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-struct Launch {
-  cudaStream_t stream;
-  int64_t sms;
-};
-
-inline Launch launch_context(const Tensor& x) {
-  const int32_t device = x.get_device_index();
-  void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
-  int sms = 0;
-  STD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return {static_cast<cudaStream_t>(stream), static_cast<int64_t>(sms > 0 ? sms : 1)};
-}
-
-// Enough resident warps to keep the memory system busy.
-inline int64_t target_warps(const Launch& l) { return l.sms * 48; }
-
-inline unsigned int grid_for_items(int64_t items, int64_t per_block, const Launch& l) {
-  const int64_t blocks = std::min<int64_t>(ceil_div(items, per_block), l.sms * 32);
-  return static_cast<unsigned int>(std::max<int64_t>(blocks, 1));
-}
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Splits n rows into chunks of at least min_rows so that base_items * chunks ~ target.
 inline int64_t rows_per_split(int64_t n, int64_t base_items, int64_t target, int64_t min_rows) {

@@ -1,4 +1,4 @@
-"""Fused channel reductions used by pyobc's scoring hot paths.
+"""Fused channel reductions and index ops used by pyobc's scoring and pruning hot paths.
 
 Every op is a ``torch.ops.pyobc.*`` operator: compiled C++/CUDA kernels (``pyobc._C``, PyTorch
 stable ABI) when the extension is built, pure-PyTorch reference kernels otherwise, with the same
@@ -9,23 +9,32 @@ Environment: ``PYOBC_DISABLE_EXT=1`` skips the compiled library (reference kerne
 warning). When the library exists but fails to load, importing this module emits one
 ``RuntimeWarning`` with the reason.
 
-Memory layout: contiguous inputs, channels_last (and channels_last_3d) inputs and any other dense
-permutation of a contiguous tensor (e.g. a transpose) are read in place, provided both inputs
-share strides (and, for ``per_sample=True`` and for weights, dim 0 is outermost in memory). Any
-other layout (slices with gaps, broadcast/expanded tensors, inputs with different strides) is
+Ops: :func:`channel_dot` and :func:`weight_channel_sums` (per-channel product reductions),
+:func:`csr_gather_sum` and :func:`csr_gather_reduce` (block-sparse accumulation: every output sums,
+or reduces, its own list of input positions; Layout's maps), :func:`gather_channels` (structured
+slicing of many tensors in one call).
+
+Memory layout of the channel reductions: contiguous inputs, channels_last (and channels_last_3d)
+inputs and any other dense permutation of a contiguous tensor (e.g. a transpose) are read in
+place, provided both inputs share strides (and, for ``per_sample=True`` and for weights, dim 0 is
+outermost in memory). Any other layout (slices with gaps, broadcast/expanded tensors, inputs with different strides) is
 first copied to a contiguous tensor, which costs one full-size temporary per input.
 
-The compiled ops cost about 5 us of fixed overhead per call in C++ plus about 10 us for the
-Python-level autograd registration; they pay off from a few thousand elements up.
+Overhead: a compiled op costs a few microseconds per call in C++. The Python autograd layer that
+``torch.library.register_autograd`` adds (tens of microseconds) is skipped by these wrappers when
+no input requires grad (or grad mode is off), and arguments are validated in Python only when a
+call fails (to raise the precise error), so small inputs stay cheap.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _registry
-from ._meta import check_channel_dot, check_weight_channel_sums
+from ._meta import (check_channel_dot, check_csr, check_csr_data, check_csr_reduce,
+                    check_gather_channels, check_weight_channel_sums)
 
-__all__ = ["channel_dot", "weight_channel_sums", "backend_report"]
+__all__ = ["channel_dot", "weight_channel_sums", "csr_gather_sum", "csr_gather_reduce",
+           "gather_channels", "backend_report"]
 
 _registry.install()
 
@@ -62,8 +71,10 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor, dim: int = 1,
         >>> torch.allclose(pyobc.ops.channel_dot(y, g), (y * g).sum((0, 2, 3)), atol=1e-5)
         True
     """
-    check_channel_dot(a, b, dim, per_sample)
-    return torch.ops.pyobc.channel_dot.default(a, b, dim, per_sample)
+    if type(dim) is not int or type(per_sample) is not bool:  # e.g. a numpy int: normalise
+        dim = check_channel_dot(a, b, dim, per_sample)
+    return _registry.call(torch.ops.pyobc.channel_dot.default, (a, b, dim, per_sample), (a, b),
+                          lambda: check_channel_dot(a, b, dim, per_sample))
 
 
 def weight_channel_sums(w: torch.Tensor, t: torch.Tensor,
@@ -93,8 +104,143 @@ def weight_channel_sums(w: torch.Tensor, t: torch.Tensor,
         >>> out_sums.shape, in_sums.shape
         (torch.Size([6]), torch.Size([8]))
     """
-    check_weight_channel_sums(w, t, groups)
-    return torch.ops.pyobc.weight_channel_sums.default(w, t, groups)
+    if type(groups) is not int:
+        groups = check_weight_channel_sums(w, t, groups)
+    return _registry.call(torch.ops.pyobc.weight_channel_sums.default, (w, t, groups), (w, t),
+                          lambda: check_weight_channel_sums(w, t, groups))
+
+
+def csr_gather_sum(values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor,
+                   weight: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+    """Sparse (CSR) matrix times dense rows: ``out[r, i] = sum_k weight[k] * values[r, col[k]]``
+    over ``k`` in ``rowptr[i] .. rowptr[i+1]-1``.
+
+    One call replaces a loop of index_select/index_add (or of slices and adds): every output
+    position sums its own list of input positions. Layout (:mod:`pyobc.scoring.layout`) maps
+    parameter sums to member channels and member channels to group channels this way.
+
+    Args:
+        values: ``(S,)`` or ``(R, S)`` (rows: samples, batches...), float32, float64, float16 or
+            bfloat16, any strides (a view of a row-batched history is read in place).
+        rowptr: ``(N+1,)`` int64 offsets, ``rowptr[0] == 0``, non-decreasing,
+            ``rowptr[N] == col.numel()``.
+        col: ``(nnz,)`` int64 positions in ``[0, S)``.
+        weight: optional ``(nnz,)`` with the dtype of ``values`` (default: all ones).
+        check: validate the index data on CUDA (a device sync). The CPU kernel always
+            validates; with ``check=False`` a CUDA call with bad indices never reads out of
+            bounds but gives NaN for the affected outputs.
+
+    Returns:
+        ``(N,)`` or ``(R, N)``, contiguous, the dtype of ``values``. Each output sums its
+        entries in the order of ``k`` in one accumulator (float64 for float32/float64 values,
+        float32 for float16/bfloat16), so results are deterministic (no atomics) and do not
+        depend on the thread count. Empty rows give 0. Differentiable in ``values`` (the
+        transposed map) and ``weight``.
+
+    Raises:
+        TypeError: non-tensor arguments, wrong dtypes (values float, rowptr/col int64, weight
+            the dtype of values).
+        ValueError: wrong ranks or sizes, different devices.
+        RuntimeError: a malformed ``rowptr`` or ``col`` entries outside ``[0, S)``.
+
+    Example:
+        >>> import torch, pyobc.ops
+        >>> values = torch.tensor([[1., 2., 3.], [4., 5., 6.]])
+        >>> rowptr, col = torch.tensor([0, 2, 2, 3]), torch.tensor([0, 2, 1])
+        >>> pyobc.ops.csr_gather_sum(values, rowptr, col)   # rows: v0+v2, (empty), v1
+        tensor([[ 4.,  0.,  2.],
+                [10.,  0.,  5.]])
+    """
+    if check and not (isinstance(values, torch.Tensor) and values.is_cpu):
+        check_csr("csr_gather_sum", values, rowptr, col, weight)
+        check_csr_data("csr_gather_sum", values, rowptr, col)  # a device sync
+    return _registry.call(torch.ops.pyobc.csr_gather_sum.default, (values, rowptr, col, weight),
+                          (values, weight),
+                          lambda: check_csr("csr_gather_sum", values, rowptr, col, weight))
+
+
+def csr_gather_reduce(values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor,
+                      reduce: str, *, check: bool = True) -> torch.Tensor:
+    """Like :func:`csr_gather_sum` (same arguments, shapes and checks), with another reduction
+    of each output's entries ``values[r, col[k]]``:
+
+    * ``"amax"``: the maximum (``-inf`` for an empty row; NaN if any entry is NaN). Gradient:
+      shared evenly among the entries equal to the maximum, as for :func:`torch.amax`.
+    * ``"count_nonzero"``: how many entries are non-zero (NaN counts), in the values' dtype.
+      No gradient.
+    * ``"mean_nonzero"``: the sum over the non-zero entries divided by their count (0 if none).
+      Gradient: ``grad / max(count, 1)`` for every entry (the count is treated as a constant).
+
+    Example:
+        >>> import torch, pyobc.ops
+        >>> v, rowptr, col = torch.tensor([0., 2., 4.]), torch.tensor([0, 3]), torch.tensor([0, 1, 2])
+        >>> [pyobc.ops.csr_gather_reduce(v, rowptr, col, r).item()
+        ...  for r in ("amax", "count_nonzero", "mean_nonzero")]
+        [4.0, 2.0, 3.0]
+    """
+    if check and not (isinstance(values, torch.Tensor) and values.is_cpu):
+        check_csr_reduce(values, rowptr, col, reduce)
+        check_csr_data("csr_gather_reduce", values, rowptr, col)  # a device sync
+    return _registry.call(torch.ops.pyobc.csr_gather_reduce.default,
+                          (values, rowptr, col, reduce), (values,),
+                          lambda: check_csr_reduce(values, rowptr, col, reduce))
+
+
+def gather_channels(tensors, dims, indices) -> list[torch.Tensor]:
+    """Structured slicing of many tensors in one call: ``out[i] =
+    tensors[i].index_select(dims[i], indices[i])``, as a new contiguous tensor.
+
+    The pruning step slices every weight, bias and normalisation statistic this way (a weight
+    pruned along two dims is sliced by two calls). One parallel region on CPU, one kernel on CUDA
+    for all tensors of a device (a list spanning devices is split into one call per device); any
+    fixed-size dtype (float, half, bfloat16, complex, integer, bool).
+
+    Args:
+        tensors: list of tensors (at least 1-d).
+        dims: one dim per tensor (may be negative).
+        indices: one 1-d int64 index tensor per tensor, on its device, entries in
+            ``[0, tensors[i].shape[dims[i]])`` (repeats allowed).
+
+    Returns:
+        list of new contiguous tensors (same dtype and device). Differentiable: the gradient of
+        ``tensors[i]`` is ``output gradient`` index-added into zeros along ``dims[i]``.
+
+    Raises:
+        TypeError: non-list arguments, non-tensors, unsupported dtypes, non-int64 indices.
+        ValueError: lists of different lengths, ``dims[i]`` out of range, index tensors that are
+            not 1-d or on another device.
+        RuntimeError: index entries out of range (checked by the kernels, before any copy).
+
+    Example:
+        >>> import torch, pyobc.ops
+        >>> w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
+        >>> keep = torch.tensor([0, 2, 5])
+        >>> w2, b2 = pyobc.ops.gather_channels([w, b], [0, 0], [keep, keep])
+        >>> w2.shape, torch.equal(b2, b[keep])
+        (torch.Size([3, 4, 3, 3]), True)
+    """
+    def validate():
+        check_gather_channels(tensors, dims, indices, one_device=False)
+
+    op = torch.ops.pyobc.gather_channels.default
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        validate()  # a TypeError for non-lists; for an empty list (the op needs a tensor to
+        return []   # dispatch on) there is nothing to do, once the other lists are checked
+    try:
+        return list(_registry.call(op, (tensors, dims, indices), tensors, validate))
+    except (RuntimeError, ValueError) as exc:  # valid arguments, but maybe several devices
+        error = exc
+    devices = list(dict.fromkeys(t.device for t in tensors))
+    if len(devices) == 1:
+        raise error
+    out: list = [None] * len(tensors)  # one call per device
+    for device in devices:
+        pos = [i for i, t in enumerate(tensors) if t.device == device]
+        part = _registry.call(op, ([tensors[i] for i in pos], [dims[i] for i in pos],
+                                   [indices[i] for i in pos]), tensors, validate)
+        for i, t in zip(pos, part):
+            out[i] = t
+    return out
 
 
 def backend_report() -> dict:

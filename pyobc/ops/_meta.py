@@ -109,3 +109,171 @@ def weight_channel_sums_fake(w, t, groups=1):
     dtype = result_dtype(w.dtype)
     return (w.new_empty((w.shape[0],), dtype=dtype),
             w.new_empty((groups * w.shape[1],), dtype=dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# index ops: csr_gather_sum, csr_gather_reduce, gather_channels
+# --------------------------------------------------------------------------------------------
+
+CSR_REDUCTIONS = ("amax", "count_nonzero", "mean_nonzero")
+
+
+def _check_tensor(op: str, name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {value.layout}")
+
+
+def check_csr(op: str, values, rowptr, col, weight=None) -> None:
+    """Validates the metadata of a CSR op's arguments (no data is read, so no device sync)."""
+    for name, value in (("values", values), ("rowptr", rowptr), ("col", col)):
+        _check_tensor(op, name, value)
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: values must be float32, float64, float16 or bfloat16, "
+                        f"got {values.dtype}")
+    for name, value in (("rowptr", rowptr), ("col", col)):
+        if value.dtype != torch.int64:
+            raise TypeError(f"{op}: {name} must be int64, got {value.dtype}")
+    if values.dim() not in (1, 2):
+        raise ValueError(f"{op}: values must be 1-d (S,) or 2-d (R, S), "
+                         f"got shape {tuple(values.shape)}")
+    if rowptr.dim() != 1 or rowptr.numel() < 1:
+        raise ValueError(f"{op}: rowptr must be a 1-d tensor of N+1 >= 1 offsets, "
+                         f"got shape {tuple(rowptr.shape)}")
+    if col.dim() != 1:
+        raise ValueError(f"{op}: col must be a 1-d tensor, got shape {tuple(col.shape)}")
+    for name, value in (("rowptr", rowptr), ("col", col)):
+        if value.device != values.device:
+            raise ValueError(f"{op}: values, rowptr and col must be on the same device, "
+                             f"got {values.device} and {value.device} ({name})")
+    if weight is not None:
+        _check_tensor(op, "weight", weight)
+        if weight.dtype != values.dtype:
+            raise TypeError(f"{op}: weight must have the dtype of values ({values.dtype}), "
+                            f"got {weight.dtype}")
+        if weight.dim() != 1 or weight.numel() != col.numel():
+            raise ValueError(f"{op}: weight must be a 1-d tensor with one entry per col entry "
+                             f"({col.numel()}), got shape {tuple(weight.shape)}")
+        if weight.device != values.device:
+            raise ValueError(f"{op}: weight must be on the device of values, "
+                             f"got {weight.device} and {values.device}")
+
+
+def check_csr_reduce(values, rowptr, col, reduce) -> str:
+    op = "csr_gather_reduce"
+    check_csr(op, values, rowptr, col)
+    if not isinstance(reduce, str):
+        raise TypeError(f"{op}: reduce must be a str, got {type(reduce).__name__}")
+    if reduce not in CSR_REDUCTIONS:
+        raise ValueError(f"{op}: reduce must be 'amax', 'count_nonzero' or 'mean_nonzero', "
+                         f"got {reduce!r} (use csr_gather_sum for sums)")
+    return reduce
+
+
+def check_csr_data(op: str, values, rowptr, col) -> None:
+    """The data rules of a CSR map: rowptr runs from 0 to col.numel() without decreasing, and
+    every col entry indexes the last dim of values. Reads the index tensors (a device sync on
+    CUDA). Raises RuntimeError, as the compiled kernels do."""
+    nnz, num_cols = col.numel(), values.shape[-1]
+    first, last = int(rowptr[0]), int(rowptr[-1])
+    if first != 0:
+        raise RuntimeError(f"{op}: rowptr[0] must be 0, got {first}")
+    if rowptr.numel() > 1:
+        step = rowptr[1:] - rowptr[:-1]
+        if bool((step < 0).any()):
+            i = int((step < 0).nonzero()[0, 0])
+            raise RuntimeError(f"{op}: rowptr must be non-decreasing, got rowptr[{i}]="
+                               f"{int(rowptr[i])} > rowptr[{i + 1}]={int(rowptr[i + 1])}")
+    if last != nnz:
+        raise RuntimeError(f"{op}: rowptr[-1]={last} must equal the number of entries "
+                           f"col.numel()={nnz}")
+    if nnz:
+        lo, hi = (int(x) for x in torch.aminmax(col))
+        if lo < 0 or hi >= num_cols:
+            raise RuntimeError(f"{op}: col has entries outside [0, {num_cols}) (the last dim of "
+                               f"values): min {lo}, max {hi}")
+
+
+def _gatherable_dtypes() -> frozenset:
+    names = ["uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "float16",
+             "float32", "float64", "bfloat16", "complex32", "complex64", "complex128", "bool",
+             "float8_e5m2", "float8_e4m3fn", "float8_e5m2fnuz", "float8_e4m3fnuz",
+             "float8_e8m0fnu"]
+    return frozenset(getattr(torch, n) for n in names if hasattr(torch, n))
+
+
+GATHER_DTYPES = _gatherable_dtypes()
+
+
+def check_gather_channels(tensors, dims, indices, one_device: bool = True) -> list[int]:
+    """Validates gather_channels arguments (not the index values); returns the normalised dims.
+
+    The op takes tensors of one device (one launch); the public wrapper splits mixed lists and
+    checks with ``one_device=False``."""
+    op = "gather_channels"
+    for name, value in (("tensors", tensors), ("dims", dims), ("indices", indices)):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{op}: {name} must be a list or tuple, got {type(value).__name__}")
+    if not len(tensors) == len(dims) == len(indices):
+        raise ValueError(f"{op}: got {len(tensors)} tensors, {len(dims)} dims and "
+                         f"{len(indices)} index tensors; the three lists must have the same "
+                         "length")
+    out = []
+    for i, (t, d, idx) in enumerate(zip(tensors, dims, indices)):
+        _check_tensor(op, f"tensors[{i}]", t)
+        _check_tensor(op, f"indices[{i}]", idx)
+        if t.dtype not in GATHER_DTYPES or t.is_quantized:
+            raise TypeError(f"{op}: tensors[{i}] has unsupported dtype {t.dtype}")
+        d = _check_int(op, f"dims[{i}]", d)
+        nd = t.dim()
+        if nd == 0:
+            raise ValueError(f"{op}: tensors[{i}] must have at least 1 dim, got a scalar")
+        if not -nd <= d < nd:
+            raise ValueError(f"{op}: dims[{i}]={d} is out of range for a {nd}-d tensor")
+        if idx.dtype != torch.int64:
+            raise TypeError(f"{op}: indices[{i}] must be a 1-d int64 tensor, got {idx.dtype}")
+        if idx.dim() != 1:
+            raise ValueError(f"{op}: indices[{i}] must be a 1-d int64 tensor, "
+                             f"got shape {tuple(idx.shape)}")
+        if idx.device != t.device:
+            raise ValueError(f"{op}: indices[{i}] must be on the device of tensors[{i}], "
+                             f"got {idx.device} and {t.device}")
+        if one_device and t.device != tensors[0].device:
+            raise ValueError(f"{op}: all tensors must be on one device, got {tensors[0].device} "
+                             f"(tensors[0]) and {t.device} (tensors[{i}]); "
+                             "pyobc.ops.gather_channels splits mixed lists itself")
+        out.append(d % nd)
+    return out
+
+
+def check_gather_indices_data(tensors, dims, indices) -> None:
+    """Every index is in [0, size of its dim). Reads the indices (a device sync on CUDA)."""
+    for i, (t, d, idx) in enumerate(zip(tensors, dims, indices)):
+        if idx.numel():
+            lo, hi = (int(x) for x in torch.aminmax(idx))
+            size = t.shape[d]
+            if lo < 0 or hi >= size:
+                raise RuntimeError(f"gather_channels: indices[{i}] has entries outside "
+                                   f"[0, {size}) (the size of dim {d} of tensors[{i}]): "
+                                   f"min {lo}, max {hi}")
+
+
+def csr_gather_sum_fake(values, rowptr, col, weight=None):
+    check_csr("csr_gather_sum", values, rowptr, col, weight)
+    return values.new_empty(values.shape[:-1] + (rowptr.shape[0] - 1,))
+
+
+def csr_gather_reduce_fake(values, rowptr, col, reduce):
+    check_csr_reduce(values, rowptr, col, reduce)
+    return values.new_empty(values.shape[:-1] + (rowptr.shape[0] - 1,))
+
+
+def gather_channels_fake(tensors, dims, indices):
+    dims = check_gather_channels(tensors, dims, indices)
+    out = []
+    for t, d, idx in zip(tensors, dims, indices):
+        shape = list(t.shape)
+        shape[d] = idx.shape[0]
+        out.append(t.new_empty(shape))  # contiguous
+    return out

@@ -12,8 +12,9 @@ import math
 
 import torch
 
-from ._meta import (accumulate_dtype, check_channel_dot, check_weight_channel_sums,
-                    result_dtype)
+from ._meta import (accumulate_dtype, check_channel_dot, check_csr, check_csr_data,
+                    check_csr_reduce, check_gather_channels, check_gather_indices_data,
+                    check_weight_channel_sums, result_dtype)
 
 
 def channel_dot(a: torch.Tensor, b: torch.Tensor, dim: int, per_sample: bool = False):
@@ -37,3 +38,59 @@ def weight_channel_sums(w: torch.Tensor, t: torch.Tensor, groups: int = 1):
     in_sums = per_pair.reshape(groups, out_ch // groups, in_per_group).sum(1)
     dtype = result_dtype(w.dtype)
     return out_sums.to(dtype).contiguous(), in_sums.reshape(-1).to(dtype).contiguous()
+
+
+def csr_row_of(rowptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The output row of every CSR entry: ``i`` repeated ``rowptr[i+1] - rowptr[i]`` times."""
+    n = rowptr.numel() - 1
+    return torch.repeat_interleave(torch.arange(n, device=rowptr.device), rowptr.diff(),
+                                   output_size=nnz)
+
+
+def _csr_entries(op, values, rowptr, col, weight=None):
+    """(values as (R, S) in the accumulation dtype, entries (R, nnz), row of each entry)."""
+    check_csr_data(op, values, rowptr, col)
+    acc = accumulate_dtype(values.dtype)
+    v = values.to(acc)
+    v = v.unsqueeze(0) if v.dim() == 1 else v
+    entries = v.index_select(1, col)
+    if weight is not None:
+        entries = entries * weight.to(acc)
+    return v, entries, csr_row_of(rowptr, col.numel())
+
+
+def _csr_out(values, out):
+    out = out.to(values.dtype)
+    return (out[0] if values.dim() == 1 else out).contiguous()
+
+
+def csr_gather_sum(values, rowptr, col, weight=None):
+    check_csr("csr_gather_sum", values, rowptr, col, weight)
+    v, entries, row_of = _csr_entries("csr_gather_sum", values, rowptr, col, weight)
+    out = v.new_zeros(v.shape[0], rowptr.numel() - 1).index_add_(1, row_of, entries)
+    return _csr_out(values, out)
+
+
+def csr_gather_reduce(values, rowptr, col, reduce):
+    reduce = check_csr_reduce(values, rowptr, col, reduce)
+    v, entries, row_of = _csr_entries("csr_gather_reduce", values, rowptr, col)
+    shape = (v.shape[0], rowptr.numel() - 1)
+    if reduce == "amax":
+        # NaN propagates as in torch.amax (scatter_reduce would drop it on some paths)
+        out = v.new_full(shape, float("-inf")).scatter_reduce_(
+            1, row_of.expand_as(entries), entries, "amax", include_self=True)
+        nan = v.new_zeros(shape).index_add_(1, row_of, entries.isnan().to(v.dtype))
+        out = out.masked_fill(nan > 0, float("nan"))
+    else:
+        count = v.new_zeros(shape).index_add_(1, row_of, (entries != 0).to(v.dtype))
+        if reduce == "count_nonzero":
+            out = count
+        else:
+            out = v.new_zeros(shape).index_add_(1, row_of, entries) / count.clamp_min(1)
+    return _csr_out(values, out)
+
+
+def gather_channels(tensors, dims, indices):
+    dims = check_gather_channels(tensors, dims, indices)
+    check_gather_indices_data(tensors, dims, indices)
+    return [t.index_select(d, idx).contiguous() for t, d, idx in zip(tensors, dims, indices)]

@@ -27,6 +27,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _autograd, _meta, _reference
 
@@ -64,6 +65,31 @@ OPS: tuple[OpSpec, ...] = (
         fake=_meta.weight_channel_sums_fake,
         setup_context=_autograd.weight_channel_sums_setup_context,
         backward=_autograd.weight_channel_sums_backward,
+    ),
+    OpSpec(
+        name="csr_gather_sum",
+        schema="csr_gather_sum(Tensor values, Tensor rowptr, Tensor col, Tensor? weight=None) "
+               "-> Tensor",
+        reference=_reference.csr_gather_sum,
+        fake=_meta.csr_gather_sum_fake,
+        setup_context=_autograd.csr_gather_sum_setup_context,
+        backward=_autograd.csr_gather_sum_backward,
+    ),
+    OpSpec(
+        name="csr_gather_reduce",
+        schema="csr_gather_reduce(Tensor values, Tensor rowptr, Tensor col, str reduce) -> Tensor",
+        reference=_reference.csr_gather_reduce,
+        fake=_meta.csr_gather_reduce_fake,
+        setup_context=_autograd.csr_gather_reduce_setup_context,
+        backward=_autograd.csr_gather_reduce_backward,
+    ),
+    OpSpec(
+        name="gather_channels",
+        schema="gather_channels(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]",
+        reference=_reference.gather_channels,
+        fake=_meta.gather_channels_fake,
+        setup_context=_autograd.gather_channels_setup_context,
+        backward=_autograd.gather_channels_backward,
     ),
 )
 
@@ -170,3 +196,42 @@ def backend_report() -> dict:
         "ops": {name: {key: info[key] for key in ("cpu", "cuda", "schema", "error") if key in info}
                 for name, info in copy.deepcopy(_STATE["ops"]).items()},
     }
+
+
+# --------------------------------------------------------------------------------------------
+# calling an op from the public wrappers (and Layout) with little Python overhead
+# --------------------------------------------------------------------------------------------
+
+# torch's own Python autograd kernels (torch/_library/autograd.py) redispatch below autograd
+# with this guard; without it, every call pays for the Python autograd layer of
+# register_autograd (tens of microseconds) even when no gradient can flow.
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def autograd_needed(tensors) -> bool:
+    """Whether a call on ``tensors`` must go through the ops' autograd kernels: some input
+    requires grad with grad mode on, or forward-mode AD / functorch transforms are active (whose
+    tangents and wrappers must never be dropped)."""
+    if (_BELOW_AUTOGRAD is None or _forward_ad._current_level >= 0
+            or torch._C._are_functorch_transforms_active()):
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def call(op, args: tuple, tensors, validate: Callable[[], object]):
+    """``op(*args)``, below autograd when no gradient can flow. Arguments are validated only when
+    the call fails: ``validate()`` then raises the precise ``TypeError``/``ValueError`` for
+    malformed arguments, and otherwise the op's own error (e.g. an index out of range) propagates.
+    Under ``torch.compile`` the arguments are validated first and the op called plainly."""
+    if torch.compiler.is_compiling():
+        validate()
+        return op(*args)
+    try:
+        if autograd_needed(tensors):
+            return op(*args)
+        with _BELOW_AUTOGRAD():
+            return op(*args)
+    except Exception as exc:  # noqa: BLE001 - re-raised below
+        error = exc
+    validate()
+    raise error

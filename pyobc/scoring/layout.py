@@ -7,6 +7,13 @@ into the member's row of root channels, then combine members into group scores. 
 the index maps once per model so each batch costs a handful of kernel calls instead of a Python loop
 over dependencies.
 
+Each map is kept as a sparse (CSR) matrix: sources -> member channels and member channels -> group
+channels are one :func:`pyobc.ops.csr_gather_sum` launch each, for all groups and every row of a
+row-batched input at once (``group_mean_nonzero`` and ``group_amax`` are one
+:func:`pyobc.ops.csr_gather_reduce` launch). Sums are deterministic (fixed order per output, no atomics)
+and accumulate in float64 for float32 input. Under forward-mode AD or functorch transforms, and for
+dtypes the ops do not take, the same maps run as ``index_select``/``index_add``.
+
 Levels (all flat float vectors, optionally with a leading row dimension):
     sources  — concatenated axis sums, one block per (parameter, axis) the groups touch
     members  — one block of ``group.size`` channels per member of every group
@@ -17,8 +24,10 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from .. import ops
+from ..ops import _registry as _ops_registry
 from ..grouping import IN_AXIS, Group, Member
 
 __all__ = ["Layout", "axis_sums"]
@@ -142,17 +151,41 @@ class Layout:
         self.num_members = moff
         self.num_channels = goff
         self.group_offsets.append(goff)
-        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+        cat = (lambda xs: torch.cat(xs).long() if xs else torch.zeros(0, dtype=torch.long))
+        # entry lists (kept for callers that read them): members[dst[e]] += sources[src[e]], and
+        # member channel m belongs to group channel member_group[m]
         self.src = cat(src)
         self.dst = cat(dst)
-        self.member_group = cat(member_group)  # member channel -> group channel
-        self._device_cache: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self.member_group = cat(member_group)
+        # The same maps as CSR matrices (rows = outputs, entries in the original order within a
+        # row), so that each level is ONE pyobc.ops.csr_gather_sum / csr_gather_reduce call.
+        self.member_rowptr, self.member_col = _csr(self.dst, self.src, self.num_members)
+        self.group_rowptr, self.group_col = _csr(
+            self.member_group, torch.arange(self.num_members), self.num_channels)
+        self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     # -- index tensors on the data's device ----------------------------------------------------------
+    def _maps(self, device: torch.device) -> dict[str, torch.Tensor]:
+        maps = self._device_cache.get(device)
+        if maps is None:
+            sizes = torch.tensor([g.size for g in self.groups], dtype=torch.long)
+            group_of = torch.repeat_interleave(torch.arange(len(self.groups)), sizes)
+            maps = {
+                "src": self.src, "dst": self.dst, "member_group": self.member_group,
+                "member_rowptr": self.member_rowptr, "member_col": self.member_col,
+                "group_rowptr": self.group_rowptr, "group_col": self.group_col,
+                # group channels -> groups (for group_max)
+                "groups_rowptr": torch.tensor(self.group_offsets, dtype=torch.long),
+                "groups_col": torch.arange(self.num_channels),
+                "group_of": group_of,
+            }
+            maps = {k: v.to(device) for k, v in maps.items()}
+            self._device_cache[device] = maps
+        return maps
+
     def _idx(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if device not in self._device_cache:
-            self._device_cache[device] = (self.src.to(device), self.dst.to(device), self.member_group.to(device))
-        return self._device_cache[device]
+        maps = self._maps(device)
+        return maps["src"], maps["dst"], maps["member_group"]
 
     @property
     def params(self) -> list[str]:
@@ -182,36 +215,51 @@ class Layout:
 
     def members(self, sources: torch.Tensor) -> torch.Tensor:
         """Gather sources into member channels; works on ``(S,)`` or row-batched ``(R, S)`` input."""
-        src, dst, _ = self._idx(sources.device)
-        shape = sources.shape[:-1] + (self.num_members,)
-        out = sources.new_zeros(shape)
-        return out.index_add_(-1, dst, sources.index_select(-1, src))
+        _check_last(sources, self.num_sources, "members", "sources")
+        maps = self._maps(sources.device)
+        if not _use_ops(sources):
+            out = sources.new_zeros(sources.shape[:-1] + (self.num_members,))
+            return out.index_add_(-1, maps["dst"], sources.index_select(-1, maps["src"]))
+        return _csr_call(_csr_sum, sources, maps["member_rowptr"], maps["member_col"])
 
     def group_sum(self, members: torch.Tensor) -> torch.Tensor:
         """Sum member channels into group channels (``(..., M) -> (..., C)``)."""
-        _, _, mg = self._idx(members.device)
-        out = members.new_zeros(members.shape[:-1] + (self.num_channels,))
-        return out.index_add_(-1, mg, members)
+        _check_last(members, self.num_members, "group_sum", "members")
+        maps = self._maps(members.device)
+        if not _use_ops(members):
+            out = members.new_zeros(members.shape[:-1] + (self.num_channels,))
+            return out.index_add_(-1, maps["member_group"], members)
+        return _csr_call(_csr_sum, members, maps["group_rowptr"], maps["group_col"])
 
     def group_mean_nonzero(self, members: torch.Tensor) -> torch.Tensor:
         """Mean over the members whose value is non-zero, per group channel (OBA's group reduction)."""
-        total = self.group_sum(members)
-        count = self.group_sum((members != 0).to(members.dtype))
-        return total / count.clamp_min(1)
+        _check_last(members, self.num_members, "group_mean_nonzero", "members")
+        if not _use_ops(members):
+            total = self.group_sum(members)
+            count = self.group_sum((members != 0).to(members.dtype))
+            return total / count.clamp_min(1)
+        maps = self._maps(members.device)
+        return _csr_call(_csr_mean_nonzero, members, maps["group_rowptr"], maps["group_col"])
 
     def group_amax(self, members: torch.Tensor) -> torch.Tensor:
         """Maximum over members per group channel (``(M,) -> (C,)``)."""
-        _, _, mg = self._idx(members.device)
-        out = members.new_full((self.num_channels,), float("-inf"))
-        return out.scatter_reduce(0, mg, members, reduce="amax")
+        _check_last(members, self.num_members, "group_amax", "members")
+        maps = self._maps(members.device)
+        if not _use_ops(members):
+            out = members.new_full((self.num_channels,), float("-inf"))
+            return out.scatter_reduce(0, maps["member_group"], members, reduce="amax")
+        return _csr_call(_csr_amax, members, maps["group_rowptr"], maps["group_col"])
 
     def group_max(self, channels: torch.Tensor) -> torch.Tensor:
         """Per-group maximum broadcast back to each channel of the group (``(C,) -> (C,)``)."""
-        sizes = torch.tensor([g.size for g in self.groups], device=channels.device)
-        group_of = torch.repeat_interleave(torch.arange(len(self.groups), device=channels.device), sizes)
-        gmax = channels.new_full((len(self.groups),), float("-inf"))
-        gmax = gmax.scatter_reduce(0, group_of, channels, reduce="amax")
-        return gmax.index_select(0, group_of)
+        _check_last(channels, self.num_channels, "group_max", "channels")
+        maps = self._maps(channels.device)
+        if not _use_ops(channels):
+            gmax = channels.new_full((len(self.groups),), float("-inf"))
+            gmax = gmax.scatter_reduce(0, maps["group_of"], channels, reduce="amax")
+        else:
+            gmax = _csr_call(_csr_amax, channels, maps["groups_rowptr"], maps["groups_col"])
+        return gmax.index_select(-1, maps["group_of"])
 
     def split(self, channels: torch.Tensor) -> list[torch.Tensor]:
         """Per-group views of a group-channel vector."""
@@ -223,3 +271,63 @@ class Layout:
         for g, offs in zip(self.groups, self.member_offsets):
             out.append([members[..., o:o + g.size] for o in offs])
         return out
+
+
+# -- CSR helpers ----------------------------------------------------------------------------------
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR form of the entry list ``out[rows[e]] += x[cols[e]]``: ``(rowptr, col)`` with the entries
+    of each row in their original order (a stable sort), so sums keep the order of the entry list."""
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=num_rows) if rows.numel() else torch.zeros(num_rows, dtype=torch.long)
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return rowptr, cols[order].contiguous()
+
+
+_OP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _use_ops(x: torch.Tensor) -> bool:
+    """Whether the compiled CSR ops can serve ``x``: a dense float tensor, outside forward-mode AD
+    and functorch transforms (custom ops have neither a forward-AD formula nor a vmap rule; the
+    index_select/index_add form serves those)."""
+    return (x.dtype in _OP_DTYPES and x.layout == torch.strided and x.dim() >= 1
+            and _forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active())
+
+
+def _no_check() -> None:
+    return None
+
+
+def _csr_sum(values, rowptr, col):
+    return _ops_registry.call(torch.ops.pyobc.csr_gather_sum.default, (values, rowptr, col, None),
+                              (values,), _no_check)
+
+
+def _csr_amax(values, rowptr, col):
+    return _ops_registry.call(torch.ops.pyobc.csr_gather_reduce.default,
+                              (values, rowptr, col, "amax"), (values,), _no_check)
+
+
+def _csr_mean_nonzero(values, rowptr, col):
+    return _ops_registry.call(torch.ops.pyobc.csr_gather_reduce.default,
+                              (values, rowptr, col, "mean_nonzero"), (values,), _no_check)
+
+
+def _csr_call(fn, values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``fn`` on ``(S,)`` / ``(R, S)`` input directly; other leading shapes are flattened to rows.
+    (The maps are valid by construction, so the ops are called without the public wrappers' checks,
+    and below autograd when no gradient can flow.)"""
+    if values.dim() <= 2:
+        return fn(values, rowptr, col)
+    lead = values.shape[:-1]
+    out = fn(values.reshape(-1, values.shape[-1]), rowptr, col)
+    return out.reshape(lead + (out.shape[-1],))
+
+
+def _check_last(x, n: int, method: str, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Layout.{method}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != n:
+        raise ValueError(f"Layout.{method}: {name} must have {n} entries in its last dim, "
+                         f"got shape {tuple(x.shape)}")

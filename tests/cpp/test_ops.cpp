@@ -6,8 +6,11 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/MemoryFormat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -144,6 +147,110 @@ void test_weight_sums(const std::vector<int64_t>& shape, int64_t groups, ScalarT
   check(ok && close(outs, want_out, rtol) && close(ins, want_in, rtol), what);
 }
 
+bool call_csr_sum(const Tensor& v, const Tensor& rowptr, const Tensor& col,
+                  std::optional<Tensor> w, Tensor* out) {
+  StableIValue stack[4] = {detail::from(v), detail::from(rowptr), detail::from(col),
+                           detail::from(w)};
+  if (torch_call_dispatcher("pyobc::csr_gather_sum", "", stack, TORCH_ABI_VERSION) !=
+      TORCH_SUCCESS)
+    return false;
+  *out = detail::to<Tensor>(stack[0]);
+  return true;
+}
+
+bool call_csr_reduce(const Tensor& v, const Tensor& rowptr, const Tensor& col,
+                     const std::string& reduce, Tensor* out) {
+  StableIValue stack[4] = {detail::from(v), detail::from(rowptr), detail::from(col),
+                           detail::from(reduce)};
+  if (torch_call_dispatcher("pyobc::csr_gather_reduce", "", stack, TORCH_ABI_VERSION) !=
+      TORCH_SUCCESS)
+    return false;
+  *out = detail::to<Tensor>(stack[0]);
+  return true;
+}
+
+bool call_gather(const std::vector<Tensor>& ts, const std::vector<int64_t>& dims,
+                 const std::vector<Tensor>& idx, std::vector<Tensor>* outs) {
+  StableIValue stack[3] = {detail::from(ts), detail::from(dims), detail::from(idx)};
+  if (torch_call_dispatcher("pyobc::gather_channels", "", stack, TORCH_ABI_VERSION) !=
+      TORCH_SUCCESS)
+    return false;
+  *outs = detail::to<std::vector<Tensor>>(stack[0]);
+  return true;
+}
+
+Tensor longs(const std::vector<int64_t>& v) {
+  Tensor t = torch::stable::empty({static_cast<int64_t>(v.size())}, ScalarType::Long,
+                                  torch::headeronly::Layout::Strided,
+                                  torch::stable::Device(torch::headeronly::DeviceType::CPU));
+  for (size_t i = 0; i < v.size(); ++i) static_cast<int64_t*>(t.mutable_data_ptr())[i] = v[i];
+  return t;
+}
+
+// out[r, i] = reduce over k in [rowptr[i], rowptr[i+1]) of w[k] * v[r, col[k]], by loops
+void test_csr(const std::vector<int64_t>& vshape, ScalarType dtype, bool weighted) {
+  const std::vector<int64_t> rp = {0, 2, 2, 5, 6}, cl = {4, 0, 1, 1, 3, 2};
+  const Tensor v = make(vshape, dtype, 11), rowptr = longs(rp), col = longs(cl);
+  const Tensor w = make({6}, dtype, 12);
+  const int64_t R = vshape.size() == 2 ? vshape[0] : 1, N = 4;
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> sum(R * N, 0.0), amax(R * N, -inf), cnt(R * N, 0.0), mean(R * N, 0.0);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t k = rp[i]; k < rp[i + 1]; ++k) {
+        const double x = vshape.size() == 2 ? at(v, {r, cl[k]}) : at(v, {cl[k]});
+        sum[r * N + i] += (weighted ? at(w, {k}) : 1.0) * x;
+        amax[r * N + i] = std::max(amax[r * N + i], x);
+        cnt[r * N + i] += x != 0.0;
+        mean[r * N + i] += x;
+      }
+      mean[r * N + i] /= std::max(cnt[r * N + i], 1.0);
+    }
+  }
+  const double rtol = dtype == ScalarType::Double ? 1e-12 : 1e-6;
+  const std::string what = std::string(vshape.size() == 2 ? " 2-d" : " 1-d") +
+                           (dtype == ScalarType::Double ? " f64" : " f32");
+  Tensor out;
+  bool ok = call_csr_sum(v, rowptr, col, weighted ? std::optional<Tensor>(w) : std::nullopt, &out);
+  check(ok && out.scalar_type() == dtype && close(out, sum, rtol),
+        std::string("csr_gather_sum") + (weighted ? " weighted" : "") + what);
+  if (weighted) return;
+  ok = call_csr_reduce(v, rowptr, col, "amax", &out);
+  bool amax_ok = ok && out.numel() == R * N;
+  for (int64_t o = 0; amax_ok && o < R * N; ++o) {
+    const double g = dtype == ScalarType::Double ? static_cast<const double*>(out.const_data_ptr())[o]
+                                                 : static_cast<const float*>(out.const_data_ptr())[o];
+    amax_ok = g == amax[o];  // exact, -inf for the empty row
+  }
+  check(amax_ok, "csr_gather_reduce amax" + what);
+  ok = call_csr_reduce(v, rowptr, col, "count_nonzero", &out);
+  check(ok && close(out, cnt, 0.0), "csr_gather_reduce count_nonzero" + what);
+  ok = call_csr_reduce(v, rowptr, col, "mean_nonzero", &out);
+  check(ok && close(out, mean, rtol), "csr_gather_reduce mean_nonzero" + what);
+}
+
+void test_gather() {
+  const ScalarType f32 = ScalarType::Float, f64 = ScalarType::Double;
+  const Tensor a = make({4, 3, 5}, f32, 13), b = make({6}, f64, 14);
+  const Tensor c = make({2, 8, 3, 3}, f32, 15, MemoryFormat::ChannelsLast);
+  const std::vector<int64_t> ia = {2, 0, 2}, ib = {5, 1}, ic = {7, 0, 3};
+  std::vector<Tensor> outs;
+  const bool ok = call_gather({a, b, c}, {1, -1, 1}, {longs(ia), longs(ib), longs(ic)}, &outs);
+  bool same = ok && outs.size() == 3;
+  if (same) {
+    for_each_index({4, 3, 5}, [&](const std::vector<int64_t>& idx) {
+      same &= at(outs[0], idx) == at(a, {idx[0], ia[idx[1]], idx[2]});
+    });
+    for (int64_t j = 0; j < 2; ++j) same &= at(outs[1], {j}) == at(b, {ib[j]});
+    for_each_index({2, 3, 3, 3}, [&](const std::vector<int64_t>& idx) {
+      same &= at(outs[2], {idx[0], idx[1], idx[2], idx[3]}) ==
+              at(c, {idx[0], ic[idx[1]], idx[2], idx[3]});
+    });
+    same &= outs[0].is_contiguous() && outs[2].is_contiguous();
+  }
+  check(same, "gather_channels: 3 tensors (f32 dim 1, f64 dim -1, channels_last dim 1)");
+}
+
 }  // namespace
 
 int main() {
@@ -162,6 +269,11 @@ int main() {
   test_weight_sums({6, 4, 3, 3}, 1, f64);
   test_weight_sums({5, 7}, 1, f32);
   test_weight_sums({4, 1, 3, 3}, 4, f64);  // depthwise
+  test_csr({5}, f32, false);
+  test_csr({3, 5}, f64, false);
+  test_csr({3, 5}, f32, true);
+  test_csr({5}, f64, true);
+  test_gather();
 
   // invalid calls must fail with an error code, not crash
   {
@@ -173,6 +285,18 @@ int main() {
     Tensor outs, ins;
     const Tensor w = make({6, 2, 3}, f32, 7);
     check(!call_weight_sums(w, w, 4, &outs, &ins), "weight_channel_sums rejects groups=4 for O=6");
+    const Tensor v = make({2, 5}, f32, 8);
+    check(!call_csr_sum(v, longs({0, 2, 3}), longs({0, 5, 1}), std::nullopt, &out),
+          "csr_gather_sum rejects a column out of range");
+    check(!call_csr_sum(v, longs({0, 3, 2}), longs({0, 1, 1}), std::nullopt, &out),
+          "csr_gather_sum rejects a decreasing rowptr");
+    check(!call_csr_reduce(v, longs({0, 1}), longs({0}), "max", &out),
+          "csr_gather_reduce rejects an unknown reduction");
+    std::vector<Tensor> gouts;
+    check(!call_gather({v}, {1}, {longs({5})}, &gouts), "gather_channels rejects index 5 of 5");
+    check(!call_gather({v}, {2}, {longs({0})}, &gouts), "gather_channels rejects dim 2 of a 2-d tensor");
+    check(!call_gather({v, v}, {0}, {longs({0})}, &gouts),
+          "gather_channels rejects lists of different lengths");
   }
 
   if (g_failures) {
