@@ -19,18 +19,9 @@ from torch.func import functional_call, hessian, jacrev
 
 import pyobc
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 T = 1e-3  # perturbation scale of the second-order checks
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors only: intra-op threads cost more than they give, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,7 +366,7 @@ def test_conv_and_flatten_layer_vs_loop(curvature):
     x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))
     s = pyobc.score(model, [(x[:2], y[:2]), (x[2:], y[2:])], "ec", granularity="weight", curvature=curvature)
     n = x.shape[0]
-    W1, W2, Wf = model.conv1.weight.detach(), model.conv2.weight.detach(), model.fc.weight.detach()
+    W2, Wf = model.conv2.weight.detach(), model.fc.weight.detach()
     m = {k: torch.zeros_like(v) for k, v in
          {"bb2": model.conv2.bias, "wb2": W2, "ww2": W2, "bbf": model.fc.bias, "wbf": Wf, "wwf": Wf,
           "bb1": model.conv1.bias}.items()}

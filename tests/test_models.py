@@ -10,18 +10,11 @@ from torch import nn
 
 from pyobc import models
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ALL = ["mlp", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "vgg19", "vit_tiny"]
 # (in_channels, input_size, num_classes, width)
 COMBOS = [(1, 8, 10, 0.25), (3, 16, 7, 0.5), (3, 32, 10, 0.25), (1, 8, 2, 1.0)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster single-threaded, and much faster when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _count(model: nn.Module) -> int:

@@ -9,16 +9,7 @@ import torch.nn.functional as F
 import pyobc
 from pyobc.masking import zero_channels
 
-pytestmark = pytest.mark.usefixtures("float64")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors only: intra-op threads cost more than they give, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
 class ResCNN(nn.Module):

@@ -1,7 +1,6 @@
 """pyobc.score as an API: the user's model is left alone, mistakes give clear errors, results persist."""
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -10,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyobc
-from pyobc.criteria import methods
 
 
 def small_cnn():

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn as nn
 
-from ..scoring.capture import Capture, Record
+from ..scoring.capture import Record
 from ..scoring.engine import Batch, Context
 from ..scoring.per_sample import activation_rows, per_sample_grads, sq_grad_sums, supports_activation_rows
 from ..grouping import IN_AXIS

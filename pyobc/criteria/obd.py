@@ -1,6 +1,8 @@
 """Optimal Brain Damage (LeCun et al., 1989) with the diagonal empirical Fisher."""
 from __future__ import annotations
 
+from torch import Tensor
+
 from . import register
 from .base import Criterion, PerSamplePass, Result
 
@@ -24,7 +26,7 @@ class OBD(Criterion):
             self.add(f"F:{n}", f)
         self.add("samples", batch.size)
 
-    def fisher(self) -> dict[str, "torch.Tensor"]:
+    def fisher(self) -> dict[str, Tensor]:
         ns = self.count("samples")
         return {k[2:]: v / ns for k, v in self.acc.items() if k.startswith("F:")}
 

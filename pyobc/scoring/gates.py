@@ -23,7 +23,7 @@ Gates may be per sample (``(N, C)``) for criteria that need per-sample structure
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn

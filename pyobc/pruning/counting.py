@@ -1,0 +1,179 @@
+"""Parameter and multiply-accumulate (MAC) counts, measured with pyobc's own forward hooks.
+
+Parameters: every parameter of the model (``numel`` summed; tied parameters once).
+
+MACs, per input sample (the example batch's count divided by its size), of the layers that do the
+arithmetic, found by one forward pass with hooks:
+
+* ``nn.Conv1d/2d/3d``: ``output positions x weight.numel()`` (``out x in/groups x kernel`` per position);
+* ``nn.Linear``: ``rows x weight.numel()`` (rows: every leading position, e.g. tokens);
+* ``nn.MultiheadAttention``: the q, k, v projections (``L``, ``S``, ``S`` rows), the two attention
+  products ``2 L S E`` and the output projection (``L`` rows).
+
+Norms, activations, pooling, additions and biases are not counted (they are small and vary between counting
+tools). Because a layer's cost is its recorded positions times its weight size, the same records also
+*predict* the MACs of any pruned shapes (:func:`macs_from`), which is how :func:`pyobc.prune` meets a MAC
+target without building candidate models.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    >>> count(net, torch.randn(2, 3, 4, 4))
+    (4242, 5504)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..grouping import preserved_state, unwrap_model
+
+__all__ = ["LayerCost", "trace_costs", "macs_from", "count_params", "count", "tensor_shapes"]
+
+
+@dataclasses.dataclass
+class LayerCost:
+    """The per-sample workload of one layer: ``rows`` (positions/tokens) for conv/linear; ``L``, ``S`` and
+    ``LS`` for attention."""
+
+    name: str
+    kind: str  # "conv", "linear" or "attention"
+    rows: float = 0.0
+    L: float = 0.0
+    S: float = 0.0
+    LS: float = 0.0
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    if isinstance(inputs, (list, tuple)) and inputs:
+        return _batch_size(inputs[0])
+    if isinstance(inputs, dict) and inputs:
+        return _batch_size(next(iter(inputs.values())))
+    return 1
+
+
+def trace_costs(model: nn.Module, example_inputs: Any) -> list[LayerCost]:
+    """Run ``model(example_inputs)`` once (eval mode, no grad) and record every layer's workload."""
+    model = unwrap_model(model)
+    n = _batch_size(example_inputs)
+    costs: dict[str, LayerCost] = {}
+    handles = []
+
+    def conv_hook(name):
+        def hook(m, args, out):
+            c = costs.setdefault(name, LayerCost(name, "conv"))
+            if out.dim() == m.weight.dim():  # (N, C, *spatial)
+                c.rows += out.shape[0] * out[0, 0].numel()
+            else:  # unbatched (C, *spatial)
+                c.rows += out[0].numel()
+        return hook
+
+    def linear_hook(name):
+        def hook(m, args, out):
+            c = costs.setdefault(name, LayerCost(name, "linear"))
+            c.rows += out.numel() // max(1, m.weight.shape[0])
+        return hook
+
+    def attention_hook(name):
+        def hook(m, args, kwargs, out):
+            q = args[0] if len(args) > 0 else kwargs["query"]
+            k = args[1] if len(args) > 1 else kwargs["key"]
+            c = costs.setdefault(name, LayerCost(name, "attention"))
+            if q.dim() == 3:
+                t = 1 if m.batch_first else 0
+                b = q.shape[1 - t]
+                lq, sk = q.shape[t], k.shape[t]
+            else:
+                b, lq, sk = 1, q.shape[0], k.shape[0]
+            c.L += b * lq
+            c.S += b * sk
+            c.LS += b * lq * sk
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            handles.append(m.register_forward_hook(conv_hook(name)))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook(name)))
+        elif isinstance(m, nn.MultiheadAttention):
+            handles.append(m.register_forward_hook(attention_hook(name), with_kwargs=True))
+    try:
+        with preserved_state(model), torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for c in costs.values():
+        c.rows /= n
+        c.L /= n
+        c.S /= n
+        c.LS /= n
+    return list(costs.values())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter and buffer."""
+    out = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    out.update({n: tuple(b.shape) for n, b in model.named_buffers()})
+    return out
+
+
+def macs_from(costs: list[LayerCost], shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """MACs per sample of recorded layers with parameters of the given ``shapes`` (name -> shape)."""
+    total = 0.0
+    for c in costs:
+        p = (lambda attr: f"{c.name}.{attr}" if c.name else attr)
+        if c.kind in ("conv", "linear"):
+            total += c.rows * _numel(shapes[p("weight")])
+        else:
+            if p("in_proj_weight") in shapes:
+                w = shapes[p("in_proj_weight")]
+                e = w[0] // 3
+                q_cost = e * w[1]
+                k_cost = v_cost = e * w[1]
+            else:
+                q_cost = _numel(shapes[p("q_proj_weight")])
+                k_cost = _numel(shapes[p("k_proj_weight")])
+                v_cost = _numel(shapes[p("v_proj_weight")])
+                e = shapes[p("q_proj_weight")][0]
+            out = shapes[p("out_proj.weight")]
+            total += c.L * q_cost + c.S * (k_cost + v_cost) + 2 * c.LS * e + c.L * _numel(out)
+    return int(round(total))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (tied parameters counted once)."""
+    return sum(p.numel() for p in unwrap_model(model).parameters())
+
+
+def count(model: nn.Module, example_inputs: Any = None) -> tuple[int, int | None]:
+    """``(parameters, MACs per sample)``; MACs are None without ``example_inputs``.
+
+    Example:
+        >>> import torch, pyobc
+        >>> net = pyobc.models.mlp(in_channels=1, input_size=4, hidden=(8,))
+        >>> pyobc.count(net, torch.randn(1, 1, 4, 4))
+        (226, 208)
+    """
+    params = count_params(model)
+    if example_inputs is None:
+        return params, None
+    model = unwrap_model(model)
+    return params, macs_from(trace_costs(model, example_inputs), tensor_shapes(model))

@@ -1,0 +1,149 @@
+"""Which channels to remove: ranking, per-group limits and targets.
+
+Scope ``"global"`` ranks every candidate channel of every group together (ascending score, ties broken by
+group order then channel) and gives each group as many removals as it has channels among the ``N`` lowest;
+``"local"`` removes ``round(f * size)`` channels from every group. The per-group limits then apply, in
+this order: at most ``floor(max_layer_ratio * size)`` removed and at least ``min_keep`` (>= 1) kept; the kept
+count rounded *up* to a multiple of ``lcm(round_to, group.divisor)`` (or the group left whole when no such
+multiple fits). Inside a group the lowest-scored channels go, except in groups with attention heads, which
+lose the same number of channels from every head (the lowest-scored of each head), so that heads keep
+equal widths and channels stay in their heads.
+
+``N`` (or ``f``) is the smallest value whose *measured* reduction of the target quantity (channels,
+parameters or MACs, computed from the pruned shapes) reaches the requested ratio: a bisection, since every
+step above is monotone.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..grouping import Group
+
+__all__ = ["head_of_channel", "choose"]
+
+
+def head_of_channel(group: Group) -> torch.Tensor | None:
+    """Head index of each root channel for groups that feed attention (``divisor`` heads), else None.
+
+    None also when the attention members disagree or heads are uneven (then only the kept count is
+    constrained to a multiple of the head count)."""
+    if group.divisor <= 1:
+        return None
+    heads = None
+    for m in group.members:
+        if m.kind != "attention":
+            continue
+        width = int(m.index.max()) + 1 if m.index.numel() else 0
+        if width % group.divisor:
+            return None
+        h = torch.full((group.size,), -1, dtype=torch.long)
+        h[m.root] = m.index // (width // group.divisor)
+        if heads is None:
+            heads = h
+        elif not torch.equal(heads, h):
+            return None
+    if heads is None or bool((heads < 0).any()):
+        return None
+    counts = torch.bincount(heads, minlength=group.divisor)
+    if bool((counts != counts[0]).any()):
+        return None
+    return heads
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _allowed(n: int, size: int, multiple: int, max_layer_ratio: float, min_keep: int) -> int:
+    cap = min(int(math.floor(max_layer_ratio * size + 1e-9)), size - max(1, min_keep))
+    n = max(0, min(n, cap))
+    if n == 0:
+        return 0
+    kept = -(-(size - n) // multiple) * multiple
+    return max(0, size - kept) if kept < size else 0
+
+
+def _pick(values: torch.Tensor, n: int, heads: torch.Tensor | None, divisor: int) -> torch.Tensor:
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if heads is None:
+        return torch.sort(torch.argsort(values, stable=True)[:n]).values
+    per = n // divisor
+    out = []
+    for h in range(divisor):
+        idx = (heads == h).nonzero().reshape(-1)
+        out.append(idx[torch.argsort(values[idx], stable=True)[:per]])
+    return torch.sort(torch.cat(out)).values
+
+
+def choose(groups: Sequence[Group], values: Sequence[torch.Tensor], ratio: float, *, scope: str,
+           round_to: int | None, max_layer_ratio: float,
+           measure: Callable[[dict[str, torch.Tensor]], float] | None,
+           total: float, min_keep: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Root -> removed root channels (sorted) such that ``total - measure(removal) >= ratio * total``.
+
+    ``measure(removal)`` returns the target quantity after removing ``removal``; a warning says when the
+    limits stop the target from being reached (the largest allowed removal is returned then). With
+    ``scope="local"`` and ``measure=None``, every group removes ``round(ratio * size)`` channels (then the
+    limits apply), without a search.
+    """
+    min_keep = dict(min_keep or {})
+    heads = [head_of_channel(g) for g in groups]
+    mults = [math.lcm(int(round_to or 1), int(g.divisor)) for g in groups]
+    vals = [v.detach().to("cpu", torch.float64).reshape(-1) for v in values]
+    for g, v in zip(groups, vals):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"group {g.root!r} has non-finite scores")
+
+    def removal(counts: Sequence[int]) -> dict[str, torch.Tensor]:
+        return {g.root: _pick(v, _allowed(n, g.size, m, max_layer_ratio, min_keep.get(g.root, 1)), h, g.divisor)
+                for g, v, n, h, m in zip(groups, vals, counts, heads, mults)}
+
+    goal = ratio * total
+    if ratio <= 0 or not groups:
+        return {g.root: torch.zeros(0, dtype=torch.long) for g in groups}
+    if scope == "local" and measure is None:  # the same fraction of every group
+        return removal([_round(ratio * g.size) for g in groups])
+
+    if scope == "global":
+        flat = torch.cat(vals)
+        owner = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(groups)])
+        order = torch.argsort(flat, stable=True)
+        ranked_owner = owner[order]
+
+        def counts_at(level: int) -> list[int]:
+            return torch.bincount(ranked_owner[:level], minlength=len(groups)).tolist()
+
+        lo, hi = 0, int(flat.numel())
+    else:
+        def counts_at(level: int) -> list[int]:
+            f = level / 10000.0
+            return [_round(f * g.size) for g in groups]
+
+        lo, hi = 0, 10000
+
+    cache: dict[int, tuple[float, dict[str, torch.Tensor]]] = {}
+
+    def reduction(level: int) -> tuple[float, dict[str, torch.Tensor]]:
+        if level not in cache:
+            r = removal(counts_at(level))
+            cache[level] = (total - measure(r), r)
+        return cache[level]
+
+    best_hi, r_hi = reduction(hi)
+    if best_hi + 1e-9 * max(1.0, total) < goal:
+        warnings.warn(f"the limits (max_layer_ratio={max_layer_ratio}, round_to={round_to}, heads, at least one "
+                      f"channel per group) allow removing {best_hi / total:.1%} of the target quantity, less than "
+                      f"the requested {ratio:.1%}", RuntimeWarning, stacklevel=3)
+        return r_hi
+    while lo < hi:  # smallest level whose reduction reaches the goal
+        mid = (lo + hi) // 2
+        if reduction(mid)[0] + 1e-9 * max(1.0, total) >= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return reduction(lo)[1]

@@ -1,0 +1,337 @@
+"""Physical channel removal driven by :class:`~pyobc.grouping.Group` records.
+
+The group records say *which* parameter parts go with which root channel (:class:`~pyobc.grouping.Slice`);
+this module adds the one thing they do not say: what else a module of each member kind carries that has to
+follow the parameters (buffers such as BatchNorm's running statistics, and size attributes such as
+``out_channels`` or ``embed_dim``). That is the :data:`RULES` table, the only place where member kinds meet
+module types here. Everything else is generic:
+
+1. for every removed root channel, every slice of every member gives positions to cut along one axis of
+   one tensor (:func:`cuts`); the rule's buffers are cut at the member's own channel positions;
+2. every cut tensor is re-gathered at its kept positions with :func:`pyobc.ops.gather_channels`, one call
+   for the first cut axis of all tensors and one for the tensors cut along a second axis (a conv weight
+   losing input and output channels);
+3. the new tensors replace the old parameters and buffers, and each touched module's rule updates its
+   attributes from the new shapes.
+
+Indices in the records refer to the model the groups were built on: all groups of one call are cut at once,
+against the unpruned shapes, so overlapping groups (a weight pruned on two axes) need no re-indexing.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from pyobc.grouping import build_groups
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    >>> groups = build_groups(net, torch.randn(2, 4))
+    >>> apply_keep(net, groups, {"0": torch.tensor([0, 2, 5])})
+    >>> net[0].out_features, net[1].num_features, net[1].running_mean.shape, net[3].in_features
+    (3, 3, torch.Size([3]), 3)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..grouping import IN_AXIS, Group, Member, Slice
+
+__all__ = ["Rule", "RULES", "rule_for", "find_target", "check_member", "slice_axis", "cuts", "apply_keep", "removed_mask",
+           "owner"]
+
+
+def _w(axis: int) -> Callable[[nn.Module], int]:
+    return lambda m: int(m.weight.shape[axis])
+
+
+def _sync_attention(m: nn.MultiheadAttention, before: Mapping[str, int]) -> None:
+    """``nn.MultiheadAttention`` after its embedding channels were cut.
+
+    Sizes follow the projections. The heads split the (smaller) embedding evenly, so ``head_dim`` shrinks,
+    and ``F.multi_head_attention_forward`` would scale the attention logits by ``1/sqrt(new head_dim)``:
+    the query rows are multiplied by ``sqrt(new/old head_dim)`` so that the logits keep the scale the model
+    was trained with. With the same number of channels cut from every head (what :func:`pyobc.prune`
+    does), the pruned attention then computes exactly what the zeroed one did.
+    """
+    e = int(m.out_proj.weight.shape[1])
+    if e % m.num_heads:
+        raise ValueError(f"attention with {m.num_heads} heads cannot have {e} channels")
+    m.embed_dim = e
+    m.head_dim = e // m.num_heads
+    if m._qkv_same_embed_dim:
+        m.kdim = m.vdim = int(m.in_proj_weight.shape[1])
+    else:
+        m.kdim, m.vdim = int(m.k_proj_weight.shape[1]), int(m.v_proj_weight.shape[1])
+    m.out_proj.in_features = e
+    m.out_proj.out_features = int(m.out_proj.weight.shape[0])
+    old = before.get("head_dim", m.head_dim)
+    if m.head_dim != old:
+        scale = math.sqrt(m.head_dim / old)
+        with torch.no_grad():
+            if m._qkv_same_embed_dim:
+                m.in_proj_weight[:e].mul_(scale)
+            else:
+                m.q_proj_weight.mul_(scale)
+            if m.in_proj_bias is not None:
+                m.in_proj_bias[:e].mul_(scale)
+
+
+def _check_conv_out(m: nn.Module) -> str | None:
+    if getattr(m, "transposed", False):
+        return "transposed convolutions are not supported"
+    if getattr(m, "groups", 1) != 1:
+        return f"cutting the output channels of a grouped convolution (groups={m.groups}) is not supported"
+    return None
+
+
+def _check_depthwise(m: nn.Module) -> str | None:
+    if getattr(m, "transposed", False):
+        return "transposed convolutions are not supported"
+    return None
+
+
+def _check_conv_in(m: nn.Module) -> str | None:
+    if getattr(m, "transposed", False):
+        return "transposed convolutions are not supported"
+    if getattr(m, "groups", 1) != 1:
+        return f"cutting the input channels of a grouped convolution (groups={m.groups}) is not supported"
+    return None
+
+
+def _check_layernorm(m: nn.LayerNorm) -> str | None:
+    if len(m.normalized_shape) != 1:
+        return f"LayerNorm over {len(m.normalized_shape)} dims is not supported (only the last dim)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What follows a member's parameter slices for one (kind, module type).
+
+    ``buffers`` are cut at the member's channel positions along axis 0 (when present); ``sync`` sets the
+    module's size attributes from its new parameter shapes (``sync(module, attributes_before)``);
+    ``check`` returns why a module cannot be cut (or None).
+    """
+
+    kind: str
+    types: tuple[type, ...]
+    buffers: tuple[str, ...] = ()
+    sync: Callable[[nn.Module, Mapping[str, int]], None] = lambda m, before: None
+    check: Callable[[nn.Module], str | None] = lambda m: None
+
+
+def _set(**attrs: Callable[[nn.Module], object]) -> Callable[[nn.Module, Mapping[str, int]], None]:
+    def sync(m: nn.Module, before: Mapping[str, int]) -> None:
+        for name, fn in attrs.items():
+            setattr(m, name, fn(m))
+    return sync
+
+
+def _sync_groupnorm(m: nn.GroupNorm, before: Mapping[str, int]) -> None:
+    c = int(m.weight.shape[0])
+    if c % m.num_groups:
+        raise ValueError(f"GroupNorm with {m.num_groups} groups cannot keep {c} channels")
+    m.num_channels = c
+
+
+_CONV = nn.modules.conv._ConvNd
+_BN = nn.modules.batchnorm._BatchNorm
+_IN = nn.modules.instancenorm._InstanceNorm
+
+#: The single table of module updates per member kind (first matching type wins).
+RULES: tuple[Rule, ...] = (
+    Rule("out", (_CONV,), sync=_set(out_channels=_w(0)), check=_check_conv_out),
+    Rule("out", (nn.Linear,), sync=_set(out_features=_w(0))),
+    Rule("in", (_CONV,), sync=_set(in_channels=lambda m: int(m.weight.shape[1]) * m.groups), check=_check_conv_in),
+    Rule("in", (nn.Linear,), sync=_set(in_features=_w(1))),
+    Rule("depthwise", (_CONV,), sync=_set(out_channels=_w(0), in_channels=_w(0), groups=_w(0)),
+         check=_check_depthwise),
+    Rule("norm", (_BN,), buffers=("running_mean", "running_var"), sync=_set(num_features=_w(0))),
+    Rule("norm", (_IN,), buffers=("running_mean", "running_var"), sync=_set(num_features=_w(0))),
+    Rule("norm", (nn.LayerNorm,), sync=_set(normalized_shape=lambda m: (int(m.weight.shape[0]),)),
+         check=_check_layernorm),
+    Rule("norm", (nn.GroupNorm,), sync=_sync_groupnorm),
+    Rule("prelu", (nn.PReLU,), sync=_set(num_parameters=_w(0))),
+    Rule("embedding", (nn.Embedding,), sync=_set(embedding_dim=_w(1))),
+    Rule("attention", (nn.MultiheadAttention,), sync=_sync_attention),
+    Rule("param", (nn.Parameter,)),
+)
+
+
+def owner(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    """The module that holds tensor ``qualified`` (a parameter or buffer name) and its attribute name."""
+    path, _, attr = qualified.rpartition(".")
+    try:
+        return model.get_submodule(path), attr
+    except AttributeError:
+        raise KeyError(f"the model has no module {path!r} (for {qualified!r})") from None
+
+
+def find_target(model: nn.Module, member: Member) -> object:
+    """The member's module (or bare parameter) in ``model``; KeyError when it has none."""
+    if member.kind == "param":
+        mod, attr = owner(model, member.module)
+        t = getattr(mod, attr, None)
+        if not isinstance(t, nn.Parameter):
+            raise KeyError(f"the model has no parameter {member.module!r}")
+        return t
+    try:
+        return model.get_submodule(member.module)
+    except AttributeError:
+        raise KeyError(f"the model has no module {member.module!r}") from None
+
+
+def rule_for(member: Member, target: object) -> Rule:
+    """The :data:`RULES` entry for a member (NotImplementedError naming the layer when there is none)."""
+    for rule in RULES:
+        if rule.kind == member.kind and isinstance(target, rule.types):
+            return rule
+    raise NotImplementedError(
+        f"pyobc cannot cut {member.kind!r} channels of {member.module!r} ({type(target).__name__}); "
+        "pass it (or the layer whose group contains it) in ignored_layers")
+
+
+def check_member(model: nn.Module, member: Member) -> tuple[object, Rule]:
+    """The member's module (or parameter) and rule; errors name the layer that cannot be cut."""
+    target = find_target(model, member)
+    rule = rule_for(member, target)
+    why = rule.check(target) if isinstance(target, nn.Module) else None
+    if why:
+        raise NotImplementedError(f"cannot prune {member.module!r}: {why}; pass it in ignored_layers")
+    return target, rule
+
+
+def slice_axis(kind: str, s: Slice, ndim: int) -> int:
+    """The tensor axis a slice of a ``kind`` member cuts (:data:`IN_AXIS` of an ``in`` member is axis 1 of
+    an ungrouped conv/linear weight)."""
+    if kind == "in" and s.axis == IN_AXIS:
+        if s.groups != 1:
+            raise NotImplementedError(f"{s.param}: cutting input channels of a grouped layer is not supported")
+        return 1
+    return s.axis % ndim
+
+
+def removed_mask(group: Group, removed: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Boolean mask over the group's root channels, True where removed (IndexError when out of range)."""
+    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1)
+    if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= group.size):
+        raise IndexError(f"group {group.root!r} has {group.size} channels; got indices {removed.tolist()}")
+    mask = torch.zeros(group.size, dtype=torch.bool)
+    mask[removed] = True
+    return mask
+
+
+def cuts(model: nn.Module, groups: Iterable[Group], remove: Mapping[str, torch.Tensor],
+         shapes: Mapping[str, tuple[int, ...]] | None = None,
+         ) -> tuple[dict[tuple[str, int], torch.Tensor], list[tuple[nn.Module, Rule]]]:
+    """Positions to cut per (tensor name, axis), and the (module, rule) pairs whose attributes follow.
+
+    ``remove`` maps a group root to the root channels removed (groups absent from it are untouched).
+    With ``shapes`` (tensor name -> shape), no model tensor is read: used to predict shapes.
+    """
+    acc: dict[tuple[str, int], list[torch.Tensor]] = {}
+    touched: dict[tuple[int, str], tuple[nn.Module, Rule]] = {}
+    by_root = {g.root: g for g in groups}
+    for root, channels in remove.items():
+        if root not in by_root:
+            raise KeyError(f"no group is rooted at {root!r}")
+        group = by_root[root]
+        mask = removed_mask(group, channels)
+        if not bool(mask.any()):
+            continue
+        for member in group.members:
+            target, rule = check_member(model, member)
+            if isinstance(target, nn.Module):
+                touched.setdefault((id(target), rule.kind), (target, rule))
+            for s in member.slices:
+                shape = shapes[s.param] if shapes is not None else tuple(owner_tensor(model, s.param).shape)
+                axis = slice_axis(member.kind, s, len(shape))
+                acc.setdefault((s.param, axis), []).append(s.index[mask[s.root]])
+            for buf in rule.buffers:
+                if isinstance(target, nn.Module) and getattr(target, buf, None) is not None:
+                    name = f"{member.module}.{buf}" if member.module else buf
+                    acc.setdefault((name, 0), []).append(member.index[mask[member.root]])
+    out = {key: torch.unique(torch.cat(parts)) for key, parts in acc.items()}
+    return {k: v for k, v in out.items() if v.numel()}, list(touched.values())
+
+
+def owner_tensor(model: nn.Module, qualified: str) -> torch.Tensor:
+    mod, attr = owner(model, qualified)
+    t = getattr(mod, attr, None)
+    if not isinstance(t, torch.Tensor):
+        raise KeyError(f"the model has no tensor {qualified!r}")
+    return t
+
+
+def shapes_after(shapes: Mapping[str, tuple[int, ...]], cut: Mapping[tuple[str, int], torch.Tensor]
+                 ) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes once ``cut`` positions are removed."""
+    out = {k: list(v) for k, v in shapes.items()}
+    for (name, axis), positions in cut.items():
+        if name in out:
+            out[name][axis] -= int(positions.numel())
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _keep_index(size: int, positions: torch.Tensor, device: torch.device, name: str, axis: int) -> torch.Tensor:
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= size):
+        raise IndexError(f"{name}: axis {axis} has {size} entries but the groups cut position "
+                         f"{int(positions.max())}; the groups were built on a different model")
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[positions] = False
+    if not bool(keep.any()):
+        raise ValueError(f"{name}: every entry of axis {axis} would be removed")
+    return keep.nonzero().reshape(-1).to(device)
+
+
+def apply_keep(model: nn.Module, groups: Sequence[Group], keep: Mapping[str, torch.Tensor | Sequence[int]]) -> None:
+    """Cut ``model`` in place so that group ``root`` keeps only the root channels ``keep[root]``.
+
+    Example:
+        >>> # apply_keep(model, scores.groups, {"layer1.0.conv1": torch.tensor([0, 3, 7])})
+    """
+    by_root = {g.root: g for g in groups}
+    remove = {}
+    for root, kept in keep.items():
+        if root not in by_root:
+            raise KeyError(f"no group is rooted at {root!r}")
+        mask = ~removed_mask(by_root[root], kept)
+        remove[root] = mask.nonzero().reshape(-1)
+    apply_remove(model, groups, remove)
+
+
+def apply_remove(model: nn.Module, groups: Sequence[Group], remove: Mapping[str, torch.Tensor]) -> None:
+    """Cut ``model`` in place: group ``root`` loses the root channels ``remove[root]``."""
+    from ..ops import gather_channels
+
+    cut, touched = cuts(model, groups, remove)
+    if not cut:
+        return
+    before = {id(m): {"head_dim": getattr(m, "head_dim", 0)} for m, _ in touched}
+    per_tensor: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for (name, axis), positions in sorted(cut.items()):
+        per_tensor.setdefault(name, []).append((axis, positions))
+    current = {name: owner_tensor(model, name).detach() for name in per_tensor}
+    passes = max(len(v) for v in per_tensor.values())
+    with torch.no_grad():
+        for k in range(passes):
+            names = [n for n, axes in per_tensor.items() if len(axes) > k]
+            tensors, dims, indices = [], [], []
+            for n in names:
+                axis, positions = per_tensor[n][k]
+                t = current[n]
+                tensors.append(t)
+                dims.append(axis)
+                indices.append(_keep_index(t.shape[axis], positions, t.device, n, axis))
+            for n, t in zip(names, gather_channels(tensors, dims, indices)):
+                current[n] = t
+    for name, t in current.items():
+        mod, attr = owner(model, name)
+        old = getattr(mod, attr)
+        if isinstance(old, nn.Parameter):
+            setattr(mod, attr, nn.Parameter(t, requires_grad=old.requires_grad))
+        else:
+            mod._buffers[attr] = t
+    for m, rule in touched:
+        rule.sync(m, before[id(m)])
