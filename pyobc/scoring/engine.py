@@ -6,7 +6,6 @@ accumulators into scores; this module runs it so that the user's model comes bac
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..distributed import EmptyLoaderError
 from ..grouping import Group, build_groups, preserved_state, unwrap_model
 from ..scores import Scores, model_signature
 from .capture import Capture, ModifiedInPlace
@@ -290,6 +290,7 @@ def score(
     granularity: str = "channel",
     progress: bool | None = None,
     ignored_layers: Sequence[nn.Module | str] = (),
+    distributed: Any = None,
     **options: Any,
 ) -> Scores:
     """Score every prunable channel group of ``model`` with a criterion; higher = more important.
@@ -312,6 +313,13 @@ def score(
             define them; see :meth:`Scores.by_parameter`).
         progress: tqdm progress bar over batches; default on only when stderr is a terminal.
         ignored_layers: modules (or names) whose out-channels must not be pruned.
+        distributed: data-parallel scoring (see ``docs/distributed.md``). ``None`` (default): when
+            ``torch.distributed`` is initialised with more than one process, each rank scores its own
+            loader (its shard, e.g. :func:`pyobc.distributed.sharded_loader`) and the accumulators are
+            summed across ranks, so every rank returns the same scores; any error or mismatched
+            configuration on one rank raises on every rank. ``False``: score this rank's loader alone,
+            with no communication. ``True``: like ``None`` but require an initialised process group. A
+            ``ProcessGroup``: combine over that group.
         **options: criterion options (see ``pyobc.methods()[name]``).
 
     Example:
@@ -322,6 +330,21 @@ def score(
         >>> scores.by_module()["conv1"].shape                                   # doctest: +SKIP
         torch.Size([16])
     """
+    from ..distributed import Coordinator
+
+    coord = Coordinator(distributed)
+    try:
+        return _score(coord, model, loader, method, loss_fn=loss_fn, example_inputs=example_inputs,
+                      max_batches=max_batches, device=device, granularity=granularity, progress=progress,
+                      ignored_layers=ignored_layers, options=options)
+    except Exception as exc:
+        coord.fail(exc)  # data-parallel: the other ranks raise too instead of waiting in a collective
+        raise
+
+
+def _score(coord: Any, model: nn.Module, loader: Iterable | None, method: str, *, loss_fn: LossFn | None,
+           example_inputs: Any, max_batches: int | None, device: str | torch.device | None, granularity: str,
+           progress: bool | None, ignored_layers: Sequence[nn.Module | str], options: dict[str, Any]) -> Scores:
     from ..criteria import get_method
 
     spec = get_method(method)
@@ -361,7 +384,7 @@ def score(
         batches = _iter_batches(loader, device, move, max_batches, progress) if loader is not None else iter(())
         first = next(batches, None)
         if loader is not None and first is None:
-            raise ValueError("the loader yielded no batches")
+            raise EmptyLoaderError("the loader yielded no batches")
         if example_inputs is None:
             # trace on two samples of the first batch: the dependency graph does not depend on the
             # batch size, and a full batch would cost a full forward's memory
@@ -388,8 +411,9 @@ def score(
                 criterion.update(batch)
                 n_batches += 1
                 n_samples += batch.size
-        from ..distributed import combine  # no-op unless torch.distributed is initialised
-        n_batches, n_samples = combine(criterion, n_batches, n_samples, method=spec.name, groups=groups)
+        # data-parallel: agree with the other ranks, sum the accumulators (no-op in a single process)
+        n_batches, n_samples = coord.combine(criterion, n_batches, n_samples, method=spec.name, groups=groups,
+                                             first=first)
         result = criterion.finalize()
     return Scores(
         spec.name, groups, result.channel, options=options, batches=n_batches, samples=n_samples,
