@@ -3,4 +3,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # guarded so that importing the module (doctest collection) runs nothing
+    sys.exit(main())

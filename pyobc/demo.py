@@ -1,8 +1,19 @@
 """``pyobc demo``: the built-in default job, end to end on real data.
 
-Takes ResNet-20 trained on the UCI digits (cached after the first run), scores it with every
-criterion, zeroes the lowest-scored half of the channels of every scored group, and reports for each
-criterion the scoring time, that time relative to one forward+backward pass, and the test accuracy.
+Takes ResNet-20 trained on the UCI digits (trained once, then cached), scores it with every criterion
+(the evaluation-only ``oracle`` is left out unless asked for), physically removes channels until half of
+the MACs are gone (:func:`pyobc.prune` with ``target="macs"``; global scope, except ``magnitude`` whose
+scores are not comparable across layers and which therefore prunes every group alike), evaluates the pruned
+model, fine-tunes it briefly and evaluates it again. For ``jacobian`` (Optimal Brain Connection) it adds an
+Equivalent Pruning row: the same channels removed through trainable adapters
+(:func:`pyobc.equivalent_prune`), fine-tuned with the adapters in their own parameter group, then folded
+(:func:`pyobc.fold`) into a plain model of the same size.
+
+One table: method, scoring time and its ratio to one forward+backward per batch, parameters and MACs
+after pruning, accuracy after pruning and after fine-tuning. ``quick=True`` (``pyobc demo --quick``) uses
+8x8 images, a 3-epoch model, 2 scoring batches and one fine-tuning epoch: well under a minute on 2 CPU
+cores, training included. Both presets run torch on one thread unless told otherwise (see
+:class:`DemoSettings`).
 """
 from __future__ import annotations
 
@@ -13,21 +24,98 @@ import time
 from typing import Sequence, TextIO
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DemoRow", "run_demo", "format_table", "forward_backward_seconds"]
+__all__ = ["DemoRow", "DemoSettings", "run_demo", "format_table", "forward_backward_seconds", "default_methods",
+           "fine_tune"]
 
 
 @dataclasses.dataclass
 class DemoRow:
+    """One line of the demo table."""
+
     method: str
-    seconds: float
-    per_batch_ratio: float  # scoring time per batch / one forward+backward
-    accuracy: float  # test accuracy after zeroing
+    seconds: float | None  #: scoring wall time (None for the Equivalent Pruning row: it reuses jacobian's)
+    per_batch_ratio: float | None  #: scoring time per batch / one forward+backward
+    accuracy: float  #: test accuracy after pruning, before fine-tuning
+    params_after: int = 0
+    macs_after: int = 0
+    finetuned_accuracy: float | None = None
+    scope: str = "global"
+
+    def to_dict(self) -> dict:
+        """The row as a plain dict (for JSON).
+
+        Example:
+            >>> DemoRow("taylor", 1.0, 2.0, 0.5).to_dict()["method"]
+            'taylor'
+        """
+        return dataclasses.asdict(self)
 
 
-def forward_backward_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 5) -> float:
-    """Median wall time of one forward+backward of ``model`` on ``(x, y)`` (its grads are restored)."""
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of a demo run; :meth:`quick` and :meth:`full` are the two presets.
+
+    Example:
+        >>> DemoSettings.quick().image_size, DemoSettings.full().image_size
+        (8, 16)
+    """
+
+    image_size: int = 16
+    train_epochs: int | None = None  #: None: the zoo recipe (15 epochs)
+    batches: int = 8
+    batch_size: int = 64
+    finetune_epochs: int = 3
+    finetune_lr: float = 0.05
+    #: torch intra-op threads for the run (None: leave torch's setting). 1 by default: ResNet-20 on digits gains
+    #: little from a second thread, while on a 2-core CPU shared with busy processes two threads that wait for
+    #: each other were measured up to 25x slower than one (ec scoring: 135 s against 5.5 s).
+    threads: int | None = 1
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        """8x8 images, a 3-epoch model, 2 scoring batches, 1 fine-tuning epoch (``pyobc demo --quick``).
+
+        Example:
+            >>> DemoSettings.quick().batches
+            2
+        """
+        return cls(image_size=8, train_epochs=3, batches=2, finetune_epochs=1, finetune_lr=0.1)
+
+    @classmethod
+    def full(cls) -> "DemoSettings":
+        """16x16 images, the zoo's 15-epoch model, 8 scoring batches, 3 fine-tuning epochs (``pyobc demo``).
+
+        Example:
+            >>> DemoSettings.full().finetune_epochs
+            3
+        """
+        return cls()
+
+
+def default_methods() -> list[str]:
+    """Every criterion that estimates importance (the measuring ``oracle`` is left out).
+
+    Example:
+        >>> "oracle" in default_methods(), "jacobian" in default_methods()
+        (False, True)
+    """
+    import pyobc
+    from pyobc.criteria import get_method
+
+    return [m for m in pyobc.methods() if not get_method(m).evaluation_only]
+
+
+def forward_backward_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 5) -> float:
+    """Median wall time of one forward+backward of ``model`` on ``(x, y)`` (its grads are restored).
+
+    Example:
+        >>> net = torch.nn.Linear(4, 3)
+        >>> forward_backward_seconds(net, torch.randn(8, 4), torch.zeros(8, dtype=torch.long)) > 0
+        True
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
     times = []
@@ -40,57 +128,157 @@ def forward_backward_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.T
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-    return statistics.median(times[1:])
+    return statistics.median(times[1:])  # the first run pays for allocations
 
 
-def format_table(rows: Sequence[DemoRow], baseline: float) -> str:
-    head = f"{'method':<12}{'score time (s)':>16}{'x fwd+bwd / batch':>20}{'test acc':>10}"
+def fine_tune(model: nn.Module, loader, epochs: int, lr: float, *, weight_decay: float = 5e-4,
+              adapters: Sequence[nn.Parameter] = (), progress: bool | None = None) -> nn.Module:
+    """Train ``model`` in place (SGD, Nesterov momentum, cosine schedule); ``adapters`` (Equivalent
+    Pruning's C and D maps) get their own parameter group without weight decay, as in the OBC paper.
+
+    Example:
+        >>> # fine_tune(pruned, pyobc.datasets.digits("train", image_size=16), epochs=3, lr=0.05)
+    """
+    from pyobc.models import train
+
+    if epochs <= 0:
+        return model
+    ids = {id(p) for p in adapters}
+    base = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": [p for p in base if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in base if p.ndim < 2], "weight_decay": 0.0}]
+    if adapters:
+        # selection matrices at the start: decay would pull them towards zero, away from the kept channels
+        groups.append({"params": list(adapters), "weight_decay": 0.0})
+    train(model, loader, epochs, lr, weight_decay=weight_decay, param_groups=[g for g in groups if g["params"]],
+          progress=progress)
+    return model
+
+
+def _fmt_count(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def format_table(rows: Sequence[DemoRow], baseline: float, params_before: int | None = None,
+                 macs_before: int | None = None) -> str:
+    """The demo table as text (an ``(unpruned)`` line first).
+
+    Example:
+        >>> table = format_table([DemoRow("taylor", 1.5, 3.0, 0.5, 1000, 2000, 0.9)], 0.99, 2000, 4000)
+        >>> table.splitlines()[2].split(), table.splitlines()[3].split()
+        (['(unpruned)', '2k', '4k', '99.00%'], ['taylor', '1.50', '3.00', '1k', '2k', '50.00%', '90.00%'])
+    """
+    head = (f"{'method':<14}{'score time (s)':>15}{'x fwd+bwd / batch':>19}{'params after':>14}"
+            f"{'MACs after':>12}{'acc pruned':>12}{'acc fine-tuned':>16}")
     lines = [head, "-" * len(head)]
-    lines.append(f"{'(unpruned)':<12}{'':>16}{'':>20}{baseline:>10.2%}")
+    lines.append(f"{'(unpruned)':<14}{'':>15}{'':>19}"
+                 f"{_fmt_count(params_before) if params_before else '':>14}"
+                 f"{_fmt_count(macs_before) if macs_before else '':>12}{baseline:>12.2%}{'':>16}")
     for r in rows:
-        lines.append(f"{r.method:<12}{r.seconds:>16.2f}{r.per_batch_ratio:>20.2f}{r.accuracy:>10.2%}")
+        secs = "-" if r.seconds is None else f"{r.seconds:.2f}"
+        ratio = "-" if r.per_batch_ratio is None else f"{r.per_batch_ratio:.2f}"
+        ft = "-" if r.finetuned_accuracy is None else f"{r.finetuned_accuracy:.2%}"
+        lines.append(f"{r.method:<14}{secs:>15}{ratio:>19}{_fmt_count(r.params_after):>14}"
+                     f"{_fmt_count(r.macs_after):>12}{r.accuracy:>12.2%}{ft:>16}")
     return "\n".join(lines)
 
 
-def run_demo(methods: Sequence[str] | None = None, *, ratio: float = 0.5, batches: int = 8, batch_size: int = 64,
-             image_size: int = 16, out: TextIO = sys.stdout, progress: bool | None = None) -> list[DemoRow]:
+def run_demo(methods: Sequence[str] | None = None, *, ratio: float = 0.5, batches: int | None = None,
+             batch_size: int = 64, image_size: int | None = None, out: TextIO = sys.stdout,
+             progress: bool | None = None, quick: bool = False, finetune_epochs: int | None = None,
+             equivalent: bool = True, settings: DemoSettings | None = None,
+             threads: int | None = None) -> list[DemoRow]:
     """Run the demo and print its table to ``out``; returns the rows.
+
+    Args:
+        methods: criteria to run (default: :func:`default_methods`).
+        ratio: fraction of the MACs to remove (0.5).
+        batches, batch_size, image_size, finetune_epochs, threads: override the preset's values (``threads``:
+            torch intra-op threads for the run, restored afterwards).
+        quick: the small preset (:meth:`DemoSettings.quick`) instead of the full one.
+        equivalent: add the Equivalent Pruning row when ``jacobian`` (or ``obc``) is among the methods.
+        progress: tqdm bars on stderr (None: when stderr is a terminal).
 
     Example:
         >>> from pyobc.demo import run_demo
-        >>> rows = run_demo(["magnitude"], batches=1)   # doctest: +SKIP
+        >>> rows = run_demo(["magnitude"], quick=True)   # doctest: +SKIP
+        >>> rows[0].macs_after                            # doctest: +SKIP
     """
+    base = settings or (DemoSettings.quick() if quick else DemoSettings.full())
+    st = dataclasses.replace(
+        base, batch_size=batch_size,
+        **{k: v for k, v in (("batches", batches), ("image_size", image_size),
+                             ("finetune_epochs", finetune_epochs), ("threads", threads)) if v is not None})
+    methods = list(methods) if methods else default_methods()
+    before = torch.get_num_threads()
+    if st.threads is not None:
+        torch.set_num_threads(st.threads)
+    try:
+        return _run(methods, ratio, st, quick, equivalent, out, progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(methods, ratio: float, st: DemoSettings, quick: bool, equivalent: bool, out: TextIO,
+         progress: bool | None) -> list[DemoRow]:
     import pyobc
     from pyobc import datasets, models
-    from pyobc.masking import lowest_channels, zero_channels
-
     from pyobc.criteria import get_method
 
-    # every estimating criterion; the oracle measures (one pass per channel) and is left out
-    methods = list(methods) if methods else [m for m in pyobc.methods() if not get_method(m).evaluation_only]
-    print(f"pyobc {pyobc.__version__} demo: ResNet-20 on UCI digits ({image_size}x{image_size}), "
-          f"zeroing the lowest-scored {ratio:.0%} of each group's channels", file=out)
-    model = models.trained("resnet20", image_size=image_size, channels=1, progress=progress)
+    size = st.image_size
+    print(f"pyobc {pyobc.__version__} demo{' (quick)' if quick else ''}: ResNet-20 on UCI digits ({size}x{size}), "
+          f"removing {ratio:.0%} of the MACs, then {st.finetune_epochs} epoch(s) of fine-tuning", file=out, flush=True)
+    model = models.trained("resnet20", image_size=size, channels=1, epochs=st.train_epochs, progress=progress)
     info = models.trained_info(model)
-    print(f"model: {'cached' if info.from_cache else 'trained now'} ({info.path}), "
-          f"test accuracy {info.test_accuracy:.2%}", file=out)
-    train = datasets.digits("train", batch_size=batch_size, image_size=image_size, channels=1, shuffle=False)
-    test = datasets.digits("test", batch_size=256, image_size=image_size, channels=1)
-    x, y = next(iter(train))
+    print(f"model: {'cached' if info.from_cache else f'trained now in {info.train_seconds:.1f} s'} "
+          f"({info.path}), test accuracy {info.test_accuracy:.2%}", file=out, flush=True)
+    score_data = datasets.digits("train", batch_size=st.batch_size, image_size=size, channels=1, shuffle=False)
+    test = datasets.digits("test", batch_size=256, image_size=size, channels=1)
+    x, y = next(iter(score_data))
+    example = x[:2]
     fb = forward_backward_seconds(model.eval(), x, y)
     baseline = models.evaluate(model, test)
-    rows = []
+    params_before, macs_before = pyobc.count(model, example)
+
+    def tune_data():  # the same batch order for every method, so the fine-tuned rows compare like for like
+        return datasets.digits("train", batch_size=st.batch_size, image_size=size, channels=1, seed=1)
+
+    rows: list[DemoRow] = []
     for method in methods:
+        name = get_method(method).name
+        scope = "local" if name == "magnitude" else "global"
         t0 = time.perf_counter()
-        scores = pyobc.score(model, train, method, max_batches=batches, progress=progress)
+        scores = pyobc.score(model, score_data, method, max_batches=st.batches, progress=progress)
         seconds = time.perf_counter() - t0
-        pruned = zero_channels(model, scores.groups, lowest_channels(scores.values, scores.groups, ratio))
+        pruned, report = pyobc.prune(model, scores, ratio, scope=scope, target="macs", example_inputs=example)
         acc = models.evaluate(pruned, test)
-        used = max(scores.batches, 1)
-        rows.append(DemoRow(method, seconds, seconds / used / fb, acc))
-        print(f"  {method}: {seconds:.2f} s, accuracy after zeroing {acc:.2%}", file=out)
+        fine_tune(pruned, tune_data(), st.finetune_epochs, st.finetune_lr, progress=progress)
+        tuned = models.evaluate(pruned, test) if st.finetune_epochs > 0 else None
+        # a data-free criterion (magnitude) runs no batch: no per-batch ratio
+        per_batch = seconds / scores.batches / fb if scores.batches else None
+        rows.append(DemoRow(method, seconds, per_batch, acc, report.params_after,
+                            int(report.macs_after or 0), tuned, scope))
+        print(f"  {method}: scored in {seconds:.2f} s; accuracy {acc:.2%} pruned"
+              + (f", {tuned:.2%} fine-tuned" if tuned is not None else ""), file=out, flush=True)
+        if equivalent and name == "jacobian":
+            adapted = pyobc.equivalent_prune(model, scores, ratio, scope=scope, target="macs", example_inputs=example)
+            ep_acc = models.evaluate(adapted, test)  # equals the naive row: the adapters start as selections
+            fine_tune(adapted, tune_data(), st.finetune_epochs, st.finetune_lr,
+                      adapters=pyobc.adapter_parameters(adapted), progress=progress)
+            plain = pyobc.fold(adapted)
+            ep_tuned = models.evaluate(plain, test) if st.finetune_epochs > 0 else None
+            params, macs = pyobc.count(plain, example)
+            rows.append(DemoRow(f"{method}+EP", None, None, ep_acc, params, int(macs or 0), ep_tuned, scope))
+            print(f"  {method}+EP (Equivalent Pruning): accuracy {ep_acc:.2%} pruned"
+                  + (f", {ep_tuned:.2%} fine-tuned and folded" if ep_tuned is not None else ""), file=out, flush=True)
     print(file=out)
-    print(format_table(rows, baseline), file=out)
-    print(f"\none forward+backward (batch {batch_size}): {fb * 1000:.1f} ms; scoring used {batches} batches; "
-          "times include tracing the model's coupled layers", file=out)
+    print(format_table(rows, baseline, params_before, macs_before), file=out)
+    print(f"\nparams and MACs per sample after pruning; one forward+backward (batch {st.batch_size}): "
+          f"{fb * 1000:.1f} ms; scoring used {st.batches} batch(es) and its time includes tracing the model's "
+          f"coupled layers; fine-tuning: {st.finetune_epochs} epoch(s) on the train split, lr {st.finetune_lr:g}. "
+          f"+EP: the jacobian scores, pruned through Equivalent Pruning adapters, fine-tuned, then folded.",
+          file=out)
     return rows

@@ -15,7 +15,7 @@ def info() -> dict[str, Any]:
     Example:
         >>> import pyobc
         >>> sorted(pyobc.info())
-        ['criteria', 'cuda_available', 'ops', 'python', 'pyobc', 'torch', 'torch_pruning']
+        ['criteria', 'cuda_available', 'ops', 'pyobc', 'python', 'torch', 'torch_pruning']
     """
     import pyobc
     from . import ops
