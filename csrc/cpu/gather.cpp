@@ -424,10 +424,10 @@ std::vector<Tensor> gather_channels_cpu(std::vector<Tensor> tensors, std::vector
   }
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   if (ntasks == 0) return outs;
-  // up to 8 MiB in all, the copy runs inline (grain = all tasks): a memory-bound copy gains
+  // up to 1 MiB in all, the copy runs inline (grain = all tasks): a memory-bound copy gains
   // little from more cores, and waiting for pool threads on a busy machine costs milliseconds;
   // beyond, tasks of ~64 KiB run in parallel
-  const int64_t grain = total_bytes < 128 * kGrainBytes ? ntasks : 1;
+  const int64_t grain = total_bytes < 16 * kGrainBytes ? ntasks : 1;
   torch::stable::parallel_for(0, ntasks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const Task& tk = tasks[t];
