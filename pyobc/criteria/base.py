@@ -266,3 +266,23 @@ class PerSampleView:
         axis = axis % theta.dim()
         dims = [d for d in range(1, prod.dim()) if d != axis + 1]
         return prod.sum(dims)
+
+
+def tensors_requiring_grad(obj: Any) -> list[torch.Tensor]:
+    """Every tensor that requires grad in a model's (nested list/tuple/dict) output, in order: the
+    outputs a second-order pass differentiates through."""
+    found: list[torch.Tensor] = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            if o.requires_grad:
+                found.append(o)
+        elif isinstance(o, (list, tuple)):
+            for x in o:
+                walk(x)
+        elif isinstance(o, dict):
+            for x in o.values():
+                walk(x)
+
+    walk(obj)
+    return found

@@ -117,7 +117,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register
-from .base import Criterion, Result
+from .base import Criterion, Result, tensors_requiring_grad
 
 __all__ = ["EC"]
 
@@ -139,24 +139,6 @@ def _scorable(module: nn.Module) -> bool:
         return True
     return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
             and module.weight.dim() - 2 in _CONV_WEIGHT)
-
-
-def _flat_tensors(obj: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-
-    def walk(o: Any) -> None:
-        if isinstance(o, torch.Tensor):
-            if o.requires_grad:
-                found.append(o)
-        elif isinstance(o, (list, tuple)):
-            for x in o:
-                walk(x)
-        elif isinstance(o, dict):
-            for x in o.values():
-                walk(x)
-
-    walk(obj)
-    return found
 
 
 def _conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -234,7 +216,7 @@ class EC(Criterion):
             for i, g in zip(need, grads):
                 phis[i] = None if g is None else (g.detach() * n).square()
             return phis
-        fs = _flat_tensors(outputs)
+        fs = tensors_requiring_grad(outputs)
         if not fs:
             raise RuntimeError("ec's Gauss-Newton curvature needs the model's outputs, but loss_fn did not call "
                                "the model (or its outputs do not depend on the parameters); "

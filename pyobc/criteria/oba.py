@@ -7,30 +7,12 @@ import torch.nn as nn
 from ..scoring.gates import GatedModel, gate_layout, second_order_mode
 from ..scoring.per_sample import _NORMS
 from . import register
-from .base import Criterion, Result, validate_micro_batch
-
-
-def _flat_outputs(outputs: list) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-
-    def walk(o):
-        if isinstance(o, torch.Tensor):
-            if o.requires_grad:
-                found.append(o)
-        elif isinstance(o, (list, tuple)):
-            for x in o:
-                walk(x)
-        elif isinstance(o, dict):
-            for x in o.values():
-                walk(x)
-
-    walk(outputs)
-    return found
+from .base import Criterion, Result, tensors_requiring_grad, validate_micro_batch
 
 
 def linearised(loss: torch.Tensor, outputs: list) -> torch.Tensor:
     """``<stopgrad(dL/dz), z>`` over the model's outputs ``z``: its Hessian in theta is ``H - GGN``."""
-    zs = _flat_outputs(outputs)
+    zs = tensors_requiring_grad(outputs)
     if not zs:
         raise RuntimeError("OBA's inter-layer Hessian needs the model's outputs, but loss_fn did not call the "
                            "model (or its outputs do not depend on the parameters)")

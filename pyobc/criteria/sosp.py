@@ -61,10 +61,9 @@ import torch
 from torch.autograd import forward_ad
 
 from . import register
-from .base import Criterion, Result, validate_micro_batch
+from .base import Criterion, Result, tensors_requiring_grad, validate_micro_batch
 from ..scoring.gates import GatedModel, gate_layout, second_order_mode
 from ..scoring.layout import Layout
-from .oba import _flat_outputs
 
 __all__ = ["SOSPH", "SOSPI", "SOSPMemoryError"]
 
@@ -84,7 +83,7 @@ def _grad(outputs, inputs, grad_outputs=None, **kw) -> list[torch.Tensor | None]
 
 
 def _model_outputs(outputs: list) -> list[torch.Tensor]:
-    zs = _flat_outputs(outputs)
+    zs = tensors_requiring_grad(outputs)
     if not zs:
         raise RuntimeError("SOSP's Gauss-Newton curvature needs the model's outputs, but loss_fn did not call "
                            "the model (or its outputs do not depend on the parameters)")
