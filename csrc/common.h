@@ -14,6 +14,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -238,6 +239,50 @@ inline CsrReduce parse_csr_reduce(const std::string& s) {
   STD_TORCH_CHECK(false, "csr_gather_reduce: reduce must be 'amax', 'count_nonzero' or "
                   "'mean_nonzero', got '", s, "' (use csr_gather_sum for sums)");
   return CsrReduce::Sum;
+}
+
+// Shape facts of a CSR call that both devices' kernels need (arguments already checked):
+// values (S,) or (R, S) with strides sr (rows) and ss (sources), N outputs per row.
+struct CsrShape {
+  bool batched;
+  int64_t R, S, sr, ss, N;
+};
+
+inline CsrShape csr_shape(const Tensor& values, const Tensor& rowptr) {
+  const bool batched = values.dim() == 2;
+  return {batched, batched ? values.size(0) : 1, values.size(values.dim() - 1),
+          batched ? values.stride(0) : 0, values.stride(values.dim() - 1), rowptr.numel() - 1};
+}
+
+// The output of a CSR call: (N,) or (R, N), values' dtype and device.
+inline Tensor csr_output(const Tensor& values, const CsrShape& s) {
+  return s.batched ? new_output({s.R, s.N}, values.scalar_type(), values)
+                   : new_output({s.N}, values.scalar_type(), values);
+}
+
+// Turns the run-time reduction (and whether a weight is given: sums only) into compile-time
+// arguments, once for both devices: f(std::integral_constant<CsrReduce, M>, std::bool_constant<W>).
+template <typename F>
+void with_csr_mode(CsrReduce mode, bool weighted, F&& f) {
+  using Sum = std::integral_constant<CsrReduce, CsrReduce::Sum>;
+  switch (mode) {
+    case CsrReduce::Sum:
+      if (weighted) {
+        f(Sum{}, std::true_type{});
+      } else {
+        f(Sum{}, std::false_type{});
+      }
+      break;
+    case CsrReduce::Amax:
+      f(std::integral_constant<CsrReduce, CsrReduce::Amax>{}, std::false_type{});
+      break;
+    case CsrReduce::CountNonzero:
+      f(std::integral_constant<CsrReduce, CsrReduce::CountNonzero>{}, std::false_type{});
+      break;
+    case CsrReduce::MeanNonzero:
+      f(std::integral_constant<CsrReduce, CsrReduce::MeanNonzero>{}, std::false_type{});
+      break;
+  }
 }
 
 // The CSR kernels of each device share this signature; csr_gather_sum and csr_gather_reduce are

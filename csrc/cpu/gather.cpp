@@ -241,39 +241,23 @@ Tensor csr_cpu(const Tensor& values, const Tensor& rowptr_in, const Tensor& col_
   const Tensor col = as_contiguous(col_in);
   std::optional<Tensor> weight;
   if (weight_in.has_value()) weight = as_contiguous(*weight_in);
-  const bool batched = values.dim() == 2;
-  const int64_t R = batched ? values.size(0) : 1;
-  const int64_t S = values.size(values.dim() - 1);
-  const int64_t sr = batched ? values.stride(0) : 0;
-  const int64_t ss = values.stride(values.dim() - 1);
-  const int64_t N = rowptr.numel() - 1;
+  const CsrShape s = csr_shape(values, rowptr);
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const int64_t* cp = col.const_data_ptr<int64_t>();
-  check_csr_data(rp, N, cp, col.numel(), S, op);
-  Tensor out = batched ? new_output(std::vector<int64_t>{R, N}, values.scalar_type(), values)
-                       : new_output(std::vector<int64_t>{N}, values.scalar_type(), values);
+  check_csr_data(rp, s.N, cp, col.numel(), s.S, op);
+  Tensor out = csr_output(values, s);
   dispatch_float<float, double, Half, BFloat16>(values.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T* v = values.const_data_ptr<T>();
+    const T* w = weight.has_value() ? weight->const_data_ptr<T>() : nullptr;
     T* o = out.mutable_data_ptr<T>();
-    switch (mode) {
-      case CsrReduce::Sum:
-        if (weight.has_value()) {
-          csr_sum<true, T>(v, R, sr, ss, rp, cp, weight->const_data_ptr<T>(), N, o, S);
-        } else {
-          csr_sum<false, T>(v, R, sr, ss, rp, cp, nullptr, N, o, S);
-        }
-        break;
-      case CsrReduce::Amax:
-        csr_kernel<CsrReduce::Amax, false, T>(v, R, sr, ss, rp, cp, nullptr, N, o);
-        break;
-      case CsrReduce::CountNonzero:
-        csr_kernel<CsrReduce::CountNonzero, false, T>(v, R, sr, ss, rp, cp, nullptr, N, o);
-        break;
-      case CsrReduce::MeanNonzero:
-        csr_kernel<CsrReduce::MeanNonzero, false, T>(v, R, sr, ss, rp, cp, nullptr, N, o);
-        break;
-    }
+    with_csr_mode(mode, w != nullptr, [&](auto m, auto weighted) {
+      if constexpr (decltype(m)::value == CsrReduce::Sum) {
+        csr_sum<decltype(weighted)::value, T>(v, s.R, s.sr, s.ss, rp, cp, w, s.N, o, s.S);
+      } else {
+        csr_kernel<decltype(m)::value, false, T>(v, s.R, s.sr, s.ss, rp, cp, nullptr, s.N, o);
+      }
+    });
     return 0;
   });
   return out;

@@ -167,18 +167,12 @@ Tensor csr_cuda(const Tensor& values, const Tensor& rowptr_in, const Tensor& col
   const Tensor col = as_contiguous(col_in);
   std::optional<Tensor> weight;
   if (weight_in.has_value()) weight = as_contiguous(*weight_in);
-  const bool batched = values.dim() == 2;
-  const int64_t R = batched ? values.size(0) : 1;
-  const int64_t S = values.size(values.dim() - 1);
-  const int64_t sr = batched ? values.stride(0) : 0;
-  const int64_t ss = values.stride(values.dim() - 1);
-  const int64_t N = rowptr.numel() - 1;
+  const CsrShape s = csr_shape(values, rowptr);
   const int64_t nnz = col.numel();
-  Tensor out = batched ? new_output(std::vector<int64_t>{R, N}, values.scalar_type(), values)
-                       : new_output(std::vector<int64_t>{N}, values.scalar_type(), values);
-  if (R * N == 0) return out;
+  Tensor out = csr_output(values, s);
+  if (s.R * s.N == 0) return out;
   const Launch l = launch_context(values);
-  const bool warp_mode = nnz >= 32 * N;  // rows of 32+ entries on average
+  const bool warp_mode = nnz >= 32 * s.N;  // rows of 32+ entries on average
   const int64_t* rp = rowptr.const_data_ptr<int64_t>();
   const int64_t* cp = col.const_data_ptr<int64_t>();
   const void* v = values.const_data_ptr();
@@ -186,27 +180,10 @@ Tensor csr_cuda(const Tensor& values, const Tensor& rowptr_in, const Tensor& col
   void* o = out.mutable_data_ptr();
   dispatch_float<float, double, half_bits, bf16_bits>(values.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    switch (mode) {
-      case CsrReduce::Sum:
-        if (w != nullptr) {
-          launch_csr<T, CsrReduce::Sum, true>(l, warp_mode, v, R, S, sr, ss, rp, cp, w, N, nnz, o);
-        } else {
-          launch_csr<T, CsrReduce::Sum, false>(l, warp_mode, v, R, S, sr, ss, rp, cp, w, N, nnz,
-                                               o);
-        }
-        break;
-      case CsrReduce::Amax:
-        launch_csr<T, CsrReduce::Amax, false>(l, warp_mode, v, R, S, sr, ss, rp, cp, w, N, nnz, o);
-        break;
-      case CsrReduce::CountNonzero:
-        launch_csr<T, CsrReduce::CountNonzero, false>(l, warp_mode, v, R, S, sr, ss, rp, cp, w, N,
-                                                      nnz, o);
-        break;
-      case CsrReduce::MeanNonzero:
-        launch_csr<T, CsrReduce::MeanNonzero, false>(l, warp_mode, v, R, S, sr, ss, rp, cp, w, N,
-                                                     nnz, o);
-        break;
-    }
+    with_csr_mode(mode, w != nullptr, [&](auto m, auto weighted) {
+      launch_csr<T, decltype(m)::value, decltype(weighted)::value>(l, warp_mode, v, s.R, s.S, s.sr,
+                                                                   s.ss, rp, cp, w, s.N, nnz, o);
+    });
     return 0;
   });
   return out;
