@@ -27,6 +27,10 @@
 #define PYOBC_MULTIVERSION
 #endif
 
+// Forces inlining of the small helpers the leaves call (cvt, the dot products), so that they are
+// compiled into each multiversioned leaf (an out-of-line helper is built for the baseline ISA only).
+#define PYOBC_INLINE inline __attribute__((always_inline))
+
 namespace pyobc {
 
 using torch::headeronly::ScalarType;
@@ -61,6 +65,44 @@ inline const char* dtype_name(ScalarType t) {
 inline ScalarType result_dtype(ScalarType t) {
   return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
+
+// The C++ type of result_dtype: double for float64 input, float for the other three.
+template <typename T>
+using OutOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Accumulation type of the reductions: float64 for float32/float64 input, float32 for float16 and
+// bfloat16. The 16-bit floats are recognised by their size, so one rule serves both element types
+// they come in (torch::headeronly::Half / BFloat16 on CPU, the raw half_bits / bf16_bits on CUDA).
+template <typename T>
+struct AccOf {
+  using type = std::conditional_t<sizeof(T) == 2, float, double>;
+};
+
+// Host-side conversions between an element type and an accumulation type: the 16-bit floats
+// (class types, on CPU) go through float, float/double convert directly. (The CUDA kernels use
+// their device variants widen / narrow_to of cuda/cuda_common.cuh.)
+template <typename Acc, typename T>
+PYOBC_INLINE Acc cvt(T x) {
+  if constexpr (std::is_arithmetic_v<T>) {
+    return static_cast<Acc>(x);
+  } else {
+    return static_cast<Acc>(static_cast<float>(x));
+  }
+}
+
+template <typename T, typename Acc>
+inline T narrow(Acc x) {
+  if constexpr (std::is_arithmetic_v<T>) {
+    return static_cast<T>(x);
+  } else {
+    return T(static_cast<float>(x));
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// CPU kernels: work (in elements) below which a task is not worth splitting further.
+constexpr int64_t kGrain = 32768;
 
 // Calls fn(tag) with tag = CpuTag<scalar_t> for the four supported dtypes. The concrete C++ element
 // types are chosen by the caller (the CPU and CUDA files use different half/bfloat16 types).
@@ -285,8 +327,8 @@ void with_csr_mode(CsrReduce mode, bool weighted, F&& f) {
   }
 }
 
-// The CSR kernels of each device share this signature; csr_gather_sum and csr_gather_reduce are
-// thin entries over it.
+// The CSR entries of each device (csr_cpu in cpu/csr_reduce.h, csr_cuda in cuda/csr_reduce.cuh)
+// have this signature; csr_gather_sum and csr_gather_reduce are thin entries over them.
 using CsrImpl = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
                            CsrReduce, const char*);
 

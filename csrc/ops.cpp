@@ -1,7 +1,9 @@
 // Operator schemas of the pyobc namespace: the one place they are written in C++.
 // pyobc/ops/_registry.py holds the same strings for the pure-PyTorch fallback; tests/test_ops.py
-// checks that both agree. Adding an op: one m.def line here, a kernel file per backend, and an
-// entry in pyobc/ops/_registry.py.
+// checks that both agree. Adding an op: one m.def line here, one kernel file per backend named
+// after the op (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu, each with its own STABLE_TORCH_LIBRARY_IMPL
+// block; code two ops share goes into a header of that directory), and an entry in
+// pyobc/ops/_registry.py.
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY(pyobc, m) {

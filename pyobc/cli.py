@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import csv
 import dataclasses
 import json
 import os
@@ -23,6 +24,12 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
+
+import pyobc  # cheap: the package imports its submodules on first use
+
+# torch and the pyobc modules that import it are imported inside the functions that need them, so that
+# `pyobc --help` and mistakes in the arguments answer at once instead of after seconds of importing torch.
+# None of these imports dodges a cycle: the command line is the top layer and may import anything.
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -160,17 +167,17 @@ class _Inputs:
 
 
 def _load_inputs(args: argparse.Namespace) -> _Inputs:
+    import torch
+
+    from . import datasets, models
     from .entrypoints import EntryPointError, example_inputs_of, first_batch, loader_from, loss_from, model_from
-    from .models import names
 
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     spec = args.model
     zoo = ":" not in spec
-    if zoo and spec not in names():
-        raise UserError(f"--model {spec!r}: not a zoo model ({', '.join(names())}) and not an entry point "
+    if zoo and spec not in models.names():
+        raise UserError(f"--model {spec!r}: not a zoo model ({', '.join(models.names())}) and not an entry point "
                         "MODULE:FUNCTION or FILE.py:FUNCTION")
     if not zoo and args.data is None:
         raise UserError(f"--model {spec} needs --data MODULE:FUNCTION (a loader of (inputs, targets) batches)")
@@ -178,8 +185,6 @@ def _load_inputs(args: argparse.Namespace) -> _Inputs:
         loss_fn = loss_from(args.loss) if args.loss else None
         loader = loader_from(args.data) if args.data else None
         if zoo:
-            from . import datasets, models
-
             model = models.trained(spec, image_size=args.image_size, channels=1, epochs=args.train_epochs,
                                    progress=args.progress)
             if loader is None:
@@ -196,8 +201,6 @@ def _load_inputs(args: argparse.Namespace) -> _Inputs:
 
 
 def _score(inputs: _Inputs, method: str, args: argparse.Namespace):
-    import pyobc
-
     with _user_errors(f"scoring with {method!r}"):
         return pyobc.score(inputs.model, inputs.loader, method, loss_fn=inputs.loss_fn, max_batches=args.max_batches,
                            device=_device(args.device), progress=args.progress, ignored_layers=args.ignore or (),
@@ -255,7 +258,7 @@ def _score_cmd(args: argparse.Namespace) -> int:
 
 
 def _load_scores(path: str):
-    from .scores import Scores
+    from .scoring.scores import Scores
 
     p = Path(path)
     if not p.is_file():
@@ -269,7 +272,7 @@ def _load_scores(path: str):
 
 
 def _prune_cmd(args: argparse.Namespace) -> int:
-    import pyobc
+    from .compare import default_scope
 
     output = _writable(args.output, "--output")
     if args.scores:
@@ -283,8 +286,6 @@ def _prune_cmd(args: argparse.Namespace) -> int:
     inputs = _load_inputs(args)
     if scores is None:
         scores = _score(inputs, method, args)
-    from .compare import default_scope
-
     scope = args.scope or default_scope(scores.method)
     with _user_errors("pruning"):
         pruned, report = pyobc.prune(inputs.model, scores, args.ratio, scope=scope, target=args.target,
@@ -293,12 +294,7 @@ def _prune_cmd(args: argparse.Namespace) -> int:
     if output is not None:
         pyobc.save(pruned, output)
     if args.json:
-        _print_json({"method": report.method, "ratio": report.ratio, "scope": report.scope, "target": report.target,
-                     "params_before": report.params_before, "params_after": report.params_after,
-                     "macs_before": report.macs_before, "macs_after": report.macs_after,
-                     "channels_before": report.channels_before, "channels_after": report.channels_after,
-                     "layers": [dataclasses.asdict(w) for w in report.layers],
-                     "output": None if output is None else str(output), "load_with": inputs.fresh})
+        _print_json(_report_json(report, output, inputs.fresh))
     else:
         print(report)
         if output is not None:
@@ -306,6 +302,15 @@ def _prune_cmd(args: argparse.Namespace) -> int:
         else:
             print("\nnot saved (pass --output FILE)")
     return 0
+
+
+def _report_json(report, output: Path | None, load_with: str) -> dict:
+    return {"method": report.method, "ratio": report.ratio, "scope": report.scope, "target": report.target,
+            "params_before": report.params_before, "params_after": report.params_after,
+            "macs_before": report.macs_before, "macs_after": report.macs_after,
+            "channels_before": report.channels_before, "channels_after": report.channels_after,
+            "layers": [dataclasses.asdict(w) for w in report.layers],
+            "output": None if output is None else str(output), "load_with": load_with}
 
 
 def _compare_cmd(args: argparse.Namespace) -> int:
@@ -318,19 +323,7 @@ def _compare_cmd(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
     inputs = _load_inputs(args)
-    if args.eval_data:
-        from .entrypoints import EntryPointError, loader_from
-
-        try:
-            eval_loader = loader_from(args.eval_data, "--eval-data")
-        except EntryPointError as exc:
-            raise UserError(str(exc)) from exc
-    elif inputs.zoo and args.data is None:
-        from . import datasets
-
-        eval_loader = datasets.digits("test", batch_size=256, image_size=inputs.image_size, channels=1)
-    else:
-        eval_loader = inputs.loader
+    eval_loader = _eval_loader(args, inputs)
     log = sys.stderr if args.json else sys.stdout
     if eval_loader is inputs.loader:
         print("note: accuracy is measured on the --data loader (pass --eval-data for held-out data)", file=log)
@@ -343,39 +336,65 @@ def _compare_cmd(args: argparse.Namespace) -> int:
                                      profile_ratio=args.profile_ratio, progress=args.progress, log=log,
                                      method_options=dict(args.option or []))
     result.title = inputs.label
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = out_dir / f"compare.{args.format}"
-    layer_table = out_dir / f"layer_profile.{args.format}"
-    compare.write_table(result, table, args.format)
-    compare.write_layer_table(result, layer_table, args.format)
-    files = [str(table), str(layer_table)]
-    plot_error = None
-    if args.plot:
-        try:
-            compare.plot_accuracy(result, out_dir / "accuracy_vs_macs.png")
-            compare.plot_layer_profile(result, out_dir / "layer_profile.png")
-            files += [str(out_dir / "accuracy_vs_macs.png"), str(out_dir / "layer_profile.png")]
-        except compare.PlotUnavailable as exc:
-            plot_error = f"{exc}; or pass --no-plot. The tables were written to {out_dir}"
+    files, plot_error = _write_compare_files(result, out_dir, args.format, args.plot)
     if args.json:
-        _print_json({"baseline_accuracy": result.baseline_accuracy, "params_before": result.params_before,
-                     "macs_before": result.macs_before, "profile_ratio": result.profile_ratio,
-                     "rows": [dataclasses.asdict(r) for r in result.rows],
-                     "layers": [{"root": layer, "channels": n, **{m: result.kept[m][i] for m in result.kept}}
-                                for i, (layer, n) in enumerate(zip(result.layers, result.layer_sizes))],
-                     "files": files})
+        _print_json(_compare_json(result, files))
     else:
         print()
-        print(table.read_text() if args.format == "md" else _csv_as_text(table))
-        print("wrote " + ", ".join(files))
+        print(files[0].read_text() if args.format == "md" else _csv_as_text(files[0]))
+        print("wrote " + ", ".join(map(str, files)))
     if plot_error:
         raise UserError(plot_error)
     return 0
 
 
-def _csv_as_text(path: Path) -> str:
-    import csv
+def _eval_loader(args: argparse.Namespace, inputs: _Inputs):
+    """The loader compare measures accuracy on: --eval-data, else the digits test split for a zoo model
+    on its default data, else the --data loader itself."""
+    from . import datasets
+    from .entrypoints import EntryPointError, loader_from
 
+    if args.eval_data:
+        try:
+            return loader_from(args.eval_data, "--eval-data")
+        except EntryPointError as exc:
+            raise UserError(str(exc)) from exc
+    if inputs.zoo and args.data is None:
+        return datasets.digits("test", batch_size=256, image_size=inputs.image_size, channels=1)
+    return inputs.loader
+
+
+def _write_compare_files(result, out_dir: Path, fmt: str, plot: bool) -> tuple[list[Path], str | None]:
+    """Write the tables (and the plots when ``plot``) to ``out_dir``; returns the files written, the
+    comparison table first, and why the plots could not be drawn (None if they were, or were not asked for)."""
+    from . import compare
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / f"compare.{fmt}"
+    layer_table = out_dir / f"layer_profile.{fmt}"
+    compare.write_table(result, table, fmt)
+    compare.write_layer_table(result, layer_table, fmt)
+    files = [table, layer_table]
+    if plot:
+        try:
+            compare.plot_accuracy(result, out_dir / "accuracy_vs_macs.png")
+            compare.plot_layer_profile(result, out_dir / "layer_profile.png")
+        except compare.PlotUnavailable as exc:
+            return files, f"{exc}; or pass --no-plot. The tables were written to {out_dir}"
+        files += [out_dir / "accuracy_vs_macs.png", out_dir / "layer_profile.png"]
+    return files, None
+
+
+def _compare_json(result, files: list[Path]) -> dict:
+    return {"baseline_accuracy": result.baseline_accuracy, "params_before": result.params_before,
+            "macs_before": result.macs_before, "profile_ratio": result.profile_ratio,
+            "rows": [dataclasses.asdict(r) for r in result.rows],
+            "layers": [{"root": layer, "channels": n, **{m: result.kept[m][i] for m in result.kept}}
+                       for i, (layer, n) in enumerate(zip(result.layers, result.layer_sizes))],
+            "files": [str(f) for f in files]}
+
+
+def _csv_as_text(path: Path) -> str:
     with open(path, newline="") as fh:
         rows = list(csv.reader(fh))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -384,7 +403,7 @@ def _csv_as_text(path: Path) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .info import format_info, info
+    from .versions import format_info, info
 
     data = info()
     print(json.dumps(data, indent=2) if args.json else format_info(data))
@@ -472,7 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_FMT)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add_parser in (_add_demo_parser, _add_score_parser, _add_prune_parser, _add_compare_parser,
+                       _add_info_parser, _add_bench_parser):
+        add_parser(sub)
+    return parser
 
+
+def _add_demo_parser(sub: Any) -> None:
+    """``pyobc demo``: the built-in job, every method on the digits-trained ResNet-20."""
     demo = sub.add_parser(
         "demo", help="score, prune, fine-tune and evaluate ResNet-20 on the built-in digits with every method",
         description="Trains ResNet-20 on the UCI digits once (cached under $PYOBC_CACHE or ~/.cache/pyobc), scores "
@@ -501,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_flag(demo)
     demo.set_defaults(func=_demo)
 
+
+def _add_score_parser(sub: Any) -> None:
+    """``pyobc score``: score a model's channels and save the scores."""
     score = sub.add_parser(
         "score", help="score the prunable channels of a model and save the scores",
         description="Scores every prunable channel group of the model (higher = more important) and saves the "
@@ -517,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(score)
     score.set_defaults(func=_score_cmd)
 
+
+def _add_prune_parser(sub: Any) -> None:
+    """``pyobc prune``: prune a model with fresh or saved scores and save it."""
     prune = sub.add_parser(
         "prune", help="score (or read scores) and physically prune a model; save it with pyobc.save",
         description="Removes the lowest-scored channels of every group with pyobc.prune and writes the pruned "
@@ -541,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(prune)
     prune.set_defaults(func=_prune_cmd)
 
+
+def _add_compare_parser(sub: Any) -> None:
+    """``pyobc compare``: methods against each other at several ratios; tables and plots."""
     comp = sub.add_parser(
         "compare", help="compare methods: accuracy against MACs removed, and per-layer kept channels",
         description="Scores the model once per method, prunes it physically at every ratio (target macs: the "
@@ -571,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(comp)
     comp.set_defaults(func=_compare_cmd)
 
+
+def _add_info_parser(sub: Any) -> None:
+    """``pyobc info``: versions, op backends and criteria."""
     info = sub.add_parser("info", help="versions, op backends and available criteria",
                           description="Versions, which backend (compiled or reference) serves each op on CPU and "
                                       "CUDA and why the compiled library is absent if it is, and the criteria.",
@@ -578,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_info)
 
+
+def _add_bench_parser(sub: Any) -> None:
+    """``pyobc bench``: compiled ops against their reference kernels."""
     bench = sub.add_parser(
         "bench", help="time the compiled ops against their pure-PyTorch reference kernels",
         description="Runs each op of pyobc.ops and its reference kernel on the same inputs, interleaved, and "
@@ -592,7 +633,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     _progress_flag(bench)
     bench.set_defaults(func=_bench)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -28,6 +29,11 @@ from typing import Any, Callable, Iterable, Sequence, TextIO
 
 import torch
 import torch.nn as nn
+
+import pyobc
+
+from .models import evaluate
+from .progress import progress_bar, show_progress
 
 __all__ = ["CompareRow", "CompareResult", "default_scope", "run_compare", "write_table", "write_layer_table",
            "plot_accuracy", "plot_layer_profile", "PlotUnavailable", "require_matplotlib"]
@@ -90,8 +96,6 @@ def default_scope(method: str) -> str:
 
 
 def _evaluate(model: nn.Module, loader: Iterable, device: torch.device | None) -> float:
-    from .models import evaluate
-
     if device is not None:
         model = model.to(device)
     return float(evaluate(model, loader))
@@ -120,9 +124,6 @@ def run_compare(model: nn.Module, loader: Iterable, eval_loader: Iterable, metho
         >>> # result = run_compare(model, train, test, ["oba", "jacobian"], [0.3, 0.5], example_inputs=x)
         >>> # [(r.method, r.macs_removed, r.accuracy) for r in result.rows]
     """
-    import pyobc
-    from .models.training import _show_progress, _tqdm
-
     ratios = sorted({float(r) for r in ratios})
     methods = list(dict.fromkeys(methods))
     if not ratios or not methods:
@@ -134,52 +135,62 @@ def run_compare(model: nn.Module, loader: Iterable, eval_loader: Iterable, metho
     dev = torch.device(device) if device is not None else None
     params_before, macs_before = pyobc.count(model, example_inputs)
     baseline = _evaluate(_copy_to(model, dev), eval_loader, None)
+    result = CompareResult([], baseline, int(params_before), int(macs_before or 0), profile_ratio, [], [], {})
+    bar = progress_bar(None, show_progress(progress), total=len(methods) * len(ratios), desc="pyobc compare",
+                       unit="prune")
+    try:
+        for method in methods:
+            t0 = time.perf_counter()
+            scores = pyobc.score(model, loader, method, loss_fn=loss_fn, max_batches=max_batches, device=dev,
+                                 progress=False, **(method_options or {}))
+            seconds = time.perf_counter() - t0
+            method_scope = scope or default_scope(method)
+            for ratio in ratios:
+                pruned, report = pyobc.prune(model, scores, ratio, scope=method_scope, target="macs",
+                                             example_inputs=example_inputs)
+                accuracy = _evaluate(pruned, eval_loader, dev)
+                result.rows.append(_row(result, method, method_scope, ratio, report, accuracy, seconds))
+                if ratio == profile_ratio:
+                    _record_kept(result, model, method, report)
+                if bar is not None:
+                    bar.update()
+            if log is not None:
+                _log_method(log, result.rows[-len(ratios):])
+    finally:
+        if bar is not None:
+            bar.close()
+    return result
 
-    rows: list[CompareRow] = []
-    kept: dict[str, list[int]] = {}
-    layers: list[str] = []
-    sizes: list[int] = []
-    steps = _tqdm(range(len(methods) * len(ratios)), _show_progress(progress), desc="pyobc compare",
-                  unit="prune")
-    step = iter(steps)
-    for method in methods:
-        t0 = time.perf_counter()
-        scores = pyobc.score(model, loader, method, loss_fn=loss_fn, max_batches=max_batches, device=dev,
-                             progress=False, **(method_options or {}))
-        seconds = time.perf_counter() - t0
-        sc = scope or default_scope(method)
-        accs = []
-        for ratio in ratios:
-            pruned, report = pyobc.prune(model, scores, ratio, scope=sc, target="macs",
-                                         example_inputs=example_inputs)
-            acc = _evaluate(pruned, eval_loader, dev)
-            accs.append(acc)
-            macs_after = int(report.macs_after or 0)
-            rows.append(CompareRow(method, sc, ratio, 1.0 - macs_after / max(1, macs_before),
-                                   1.0 - report.params_after / max(1, params_before), macs_after,
-                                   int(report.params_after), acc, seconds))
-            if ratio == profile_ratio:
-                if not layers:  # in model order (the report lists groups as the tracer found them)
-                    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-                    widths_sorted = sorted(report.layers, key=lambda w: order.get(w.root, len(order)))
-                    layers = [w.root for w in widths_sorted]
-                    sizes = [w.total for w in widths_sorted]
-                widths = {w.root: w.kept for w in report.layers}
-                kept[method] = [widths.get(root, n) for root, n in zip(layers, sizes)]
-            next(step, None)
-        if log is not None:
-            print(f"  {method}: scored in {seconds:.2f} s ({sc} scope); accuracy "
-                  + ", ".join(f"{a:.1%}" for a in accs) + " at " + ", ".join(f"{r:g}" for r in ratios)
-                  + " of MACs removed", file=log, flush=True)
-    if hasattr(steps, "close"):
-        steps.close()
-    return CompareResult(rows, baseline, int(params_before), int(macs_before or 0), profile_ratio, layers,
-                         sizes, kept)
+
+def _row(result: CompareResult, method: str, scope: str, ratio: float, report: pyobc.PruneReport,
+         accuracy: float, seconds: float) -> CompareRow:
+    """The row of ``method`` pruned at ``ratio``; fractions removed are relative to ``result``'s unpruned model."""
+    macs_after = int(report.macs_after or 0)
+    return CompareRow(method, scope, ratio, 1.0 - macs_after / max(1, result.macs_before),
+                      1.0 - report.params_after / max(1, result.params_before), macs_after,
+                      int(report.params_after), accuracy, seconds)
+
+
+def _record_kept(result: CompareResult, model: nn.Module, method: str, report: pyobc.PruneReport) -> None:
+    """Store the channels ``method`` keeps per layer at the profile ratio (the layers, on first use)."""
+    if not result.layers:  # in model order (the report lists groups as the tracer found them)
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        widths_sorted = sorted(report.layers, key=lambda w: order.get(w.root, len(order)))
+        result.layers = [w.root for w in widths_sorted]
+        result.layer_sizes = [w.total for w in widths_sorted]
+    kept = {w.root: w.kept for w in report.layers}
+    result.kept[method] = [kept.get(root, n) for root, n in zip(result.layers, result.layer_sizes)]
+
+
+def _log_method(log: TextIO, rows: Sequence[CompareRow]) -> None:
+    """One line for a method that has finished: its scoring time and accuracy at every ratio."""
+    first = rows[0]
+    print(f"  {first.method}: scored in {first.score_seconds:.2f} s ({first.scope} scope); accuracy "
+          + ", ".join(f"{r.accuracy:.1%}" for r in rows) + " at " + ", ".join(f"{r.target_ratio:g}" for r in rows)
+          + " of MACs removed", file=log, flush=True)
 
 
 def _copy_to(model: nn.Module, device: torch.device | None) -> nn.Module:
-    import copy
-
     if device is None:
         return model
     return copy.deepcopy(model).to(device)

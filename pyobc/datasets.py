@@ -75,6 +75,11 @@ def split_indices(split: str) -> np.ndarray:
 
     Within each class the samples are ordered by a SHA-256 hash of their index and the first
     ``round(0.2 * class_size)`` go to the test split.
+
+    Example:
+        >>> from pyobc.datasets import split_indices
+        >>> len(split_indices("train")), len(split_indices("test"))
+        (1438, 359)
     """
     _check_split(split)
     _, y = _load_raw()
@@ -125,6 +130,12 @@ def digits_tensors(split: str = "train", image_size: int = 8, channels: int = 1)
     ``x`` is float32 of shape (N, channels, image_size, image_size), normalised; ``y`` is int64 of
     shape (N,). N is 1438 for ``"train"`` and 359 for ``"test"``. The decoded tensors are cached
     per process; each call returns fresh copies, so callers may modify them.
+
+    Example:
+        >>> from pyobc.datasets import digits_tensors
+        >>> x, y = digits_tensors("test", image_size=16, channels=3)
+        >>> tuple(x.shape), tuple(y.shape)
+        ((359, 3, 16, 16), (359,))
     """
     _check_split(split)
     _check_int("image_size", image_size, IMAGE_SIZES)

@@ -26,6 +26,12 @@ from typing import Sequence, TextIO
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import pyobc
+
+from . import datasets, models
+from .criteria import get_method
 
 __all__ = ["DemoRow", "DemoSettings", "run_demo", "format_table", "forward_backward_seconds", "default_methods",
            "fine_tune"]
@@ -102,9 +108,6 @@ def default_methods() -> list[str]:
         >>> "oracle" in default_methods(), "jacobian" in default_methods()
         (False, True)
     """
-    import pyobc
-    from pyobc.criteria import get_method
-
     return [m for m in pyobc.methods() if not get_method(m).evaluation_only]
 
 
@@ -139,8 +142,6 @@ def fine_tune(model: nn.Module, loader, epochs: int, lr: float, *, weight_decay:
     Example:
         >>> # fine_tune(pruned, pyobc.datasets.digits("train", image_size=16), epochs=3, lr=0.05)
     """
-    from pyobc.models import train
-
     if epochs <= 0:
         return model
     ids = {id(p) for p in adapters}
@@ -150,8 +151,8 @@ def fine_tune(model: nn.Module, loader, epochs: int, lr: float, *, weight_decay:
     if adapters:
         # selection matrices at the start: decay would pull them towards zero, away from the kept channels
         groups.append({"params": list(adapters), "weight_decay": 0.0})
-    train(model, loader, epochs, lr, weight_decay=weight_decay, param_groups=[g for g in groups if g["params"]],
-          progress=progress)
+    models.train(model, loader, epochs, lr, weight_decay=weight_decay,
+                 param_groups=[g for g in groups if g["params"]], progress=progress)
     return model
 
 
@@ -222,12 +223,40 @@ def run_demo(methods: Sequence[str] | None = None, *, ratio: float = 0.5, batche
         torch.set_num_threads(before)
 
 
+@dataclasses.dataclass
+class _DemoJob:
+    """What every method's rows are measured on: the trained model, the data, the settings."""
+
+    model: nn.Module
+    score_data: DataLoader  #: the train split in a fixed order: every method scores the same batches
+    test: DataLoader
+    example: torch.Tensor  #: two samples, to trace the model and count MACs with
+    ratio: float
+    settings: DemoSettings
+    progress: bool | None
+    out: TextIO
+
+    def tune_data(self) -> DataLoader:
+        """Fine-tuning batches: the same order for every method, so the fine-tuned rows compare like for like."""
+        st = self.settings
+        return datasets.digits("train", batch_size=st.batch_size, image_size=st.image_size, channels=1, seed=1)
+
+    def tune(self, model: nn.Module, adapters: Sequence[nn.Parameter] = ()) -> None:
+        """:func:`fine_tune` with the settings' epochs and learning rate."""
+        st = self.settings
+        fine_tune(model, self.tune_data(), st.finetune_epochs, st.finetune_lr, adapters=adapters,
+                  progress=self.progress)
+
+    def tuned_accuracy(self, model: nn.Module) -> float | None:
+        """Test accuracy after fine-tuning (None when the settings fine-tune for no epoch)."""
+        return models.evaluate(model, self.test) if self.settings.finetune_epochs > 0 else None
+
+    def say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+
 def _run(methods, ratio: float, st: DemoSettings, quick: bool, equivalent: bool, out: TextIO,
          progress: bool | None) -> list[DemoRow]:
-    import pyobc
-    from pyobc import datasets, models
-    from pyobc.criteria import get_method
-
     size = st.image_size
     print(f"pyobc {pyobc.__version__} demo{' (quick)' if quick else ''}: ResNet-20 on UCI digits ({size}x{size}), "
           f"removing {ratio:.0%} of the MACs, then {st.finetune_epochs} epoch(s) of fine-tuning", file=out, flush=True)
@@ -238,42 +267,13 @@ def _run(methods, ratio: float, st: DemoSettings, quick: bool, equivalent: bool,
     score_data = datasets.digits("train", batch_size=st.batch_size, image_size=size, channels=1, shuffle=False)
     test = datasets.digits("test", batch_size=256, image_size=size, channels=1)
     x, y = next(iter(score_data))
-    example = x[:2]
+    job = _DemoJob(model, score_data, test, x[:2], ratio, st, progress, out)
     fb = forward_backward_seconds(model.eval(), x, y)
     baseline = models.evaluate(model, test)
-    params_before, macs_before = pyobc.count(model, example)
-
-    def tune_data():  # the same batch order for every method, so the fine-tuned rows compare like for like
-        return datasets.digits("train", batch_size=st.batch_size, image_size=size, channels=1, seed=1)
-
+    params_before, macs_before = pyobc.count(model, job.example)
     rows: list[DemoRow] = []
     for method in methods:
-        name = get_method(method).name
-        scope = "local" if name == "magnitude" else "global"
-        t0 = time.perf_counter()
-        scores = pyobc.score(model, score_data, method, max_batches=st.batches, progress=progress)
-        seconds = time.perf_counter() - t0
-        pruned, report = pyobc.prune(model, scores, ratio, scope=scope, target="macs", example_inputs=example)
-        acc = models.evaluate(pruned, test)
-        fine_tune(pruned, tune_data(), st.finetune_epochs, st.finetune_lr, progress=progress)
-        tuned = models.evaluate(pruned, test) if st.finetune_epochs > 0 else None
-        # a data-free criterion (magnitude) runs no batch: no per-batch ratio
-        per_batch = seconds / scores.batches / fb if scores.batches else None
-        rows.append(DemoRow(method, seconds, per_batch, acc, report.params_after,
-                            int(report.macs_after or 0), tuned, scope))
-        print(f"  {method}: scored in {seconds:.2f} s; accuracy {acc:.2%} pruned"
-              + (f", {tuned:.2%} fine-tuned" if tuned is not None else ""), file=out, flush=True)
-        if equivalent and name == "jacobian":
-            adapted = pyobc.equivalent_prune(model, scores, ratio, scope=scope, target="macs", example_inputs=example)
-            ep_acc = models.evaluate(adapted, test)  # equals the naive row: the adapters start as selections
-            fine_tune(adapted, tune_data(), st.finetune_epochs, st.finetune_lr,
-                      adapters=pyobc.adapter_parameters(adapted), progress=progress)
-            plain = pyobc.fold(adapted)
-            ep_tuned = models.evaluate(plain, test) if st.finetune_epochs > 0 else None
-            params, macs = pyobc.count(plain, example)
-            rows.append(DemoRow(f"{method}+EP", None, None, ep_acc, params, int(macs or 0), ep_tuned, scope))
-            print(f"  {method}+EP (Equivalent Pruning): accuracy {ep_acc:.2%} pruned"
-                  + (f", {ep_tuned:.2%} fine-tuned and folded" if ep_tuned is not None else ""), file=out, flush=True)
+        rows += _method_rows(job, method, fb, equivalent)
     print(file=out)
     print(format_table(rows, baseline, params_before, macs_before), file=out)
     print(f"\nparams and MACs per sample after pruning; one forward+backward (batch {st.batch_size}): "
@@ -282,3 +282,39 @@ def _run(methods, ratio: float, st: DemoSettings, quick: bool, equivalent: bool,
           f"+EP: the jacobian scores, pruned through Equivalent Pruning adapters, fine-tuned, then folded.",
           file=out)
     return rows
+
+
+def _method_rows(job: _DemoJob, method: str, fb_seconds: float, equivalent: bool) -> list[DemoRow]:
+    """Score with ``method``, prune, evaluate, fine-tune, evaluate again: its row, and for jacobian the
+    Equivalent Pruning row too when ``equivalent``."""
+    name = get_method(method).name
+    scope = "local" if name == "magnitude" else "global"
+    t0 = time.perf_counter()
+    scores = pyobc.score(job.model, job.score_data, method, max_batches=job.settings.batches, progress=job.progress)
+    seconds = time.perf_counter() - t0
+    pruned, report = pyobc.prune(job.model, scores, job.ratio, scope=scope, target="macs", example_inputs=job.example)
+    acc = models.evaluate(pruned, job.test)
+    job.tune(pruned)
+    tuned = job.tuned_accuracy(pruned)
+    # a data-free criterion (magnitude) runs no batch: no per-batch ratio
+    per_batch = seconds / scores.batches / fb_seconds if scores.batches else None
+    rows = [DemoRow(method, seconds, per_batch, acc, report.params_after, int(report.macs_after or 0), tuned, scope)]
+    job.say(f"  {method}: scored in {seconds:.2f} s; accuracy {acc:.2%} pruned"
+            + (f", {tuned:.2%} fine-tuned" if tuned is not None else ""))
+    if equivalent and name == "jacobian":
+        rows.append(_equivalent_row(job, method, scores, scope))
+    return rows
+
+
+def _equivalent_row(job: _DemoJob, method: str, scores: pyobc.Scores, scope: str) -> DemoRow:
+    """The same channels removed through Equivalent Pruning adapters, fine-tuned, then folded."""
+    adapted = pyobc.equivalent_prune(job.model, scores, job.ratio, scope=scope, target="macs",
+                                     example_inputs=job.example)
+    acc = models.evaluate(adapted, job.test)  # equals the naive row: the adapters start as selections
+    job.tune(adapted, adapters=pyobc.adapter_parameters(adapted))
+    plain = pyobc.fold(adapted)
+    tuned = job.tuned_accuracy(plain)
+    params, macs = pyobc.count(plain, job.example)
+    job.say(f"  {method}+EP (Equivalent Pruning): accuracy {acc:.2%} pruned"
+            + (f", {tuned:.2%} fine-tuned and folded" if tuned is not None else ""))
+    return DemoRow(f"{method}+EP", None, None, acc, params, int(macs or 0), tuned, scope)

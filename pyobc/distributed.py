@@ -28,6 +28,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+# the error types live in the leaf module pyobc.errors; re-exported here, where users look for them
+from .errors import (ConfigMismatchError, DistributedScoringError, EmptyLoaderError, EmptyShardError,
+                     PeerFailedError)
+from .nested import tensors_in
+
 __all__ = [
     "Coordinator", "ShardSampler", "sharded_loader", "is_active",
     "DistributedScoringError", "ConfigMismatchError", "EmptyShardError", "PeerFailedError", "EmptyLoaderError",
@@ -39,26 +44,6 @@ LOCAL_OPTIONS: frozenset[str] = frozenset()
 
 #: accumulators are all-reduced in flat buckets of at most this many bytes (bigger tensors go alone)
 BUCKET_BYTES = 64 * 2**20
-
-
-class EmptyLoaderError(ValueError):
-    """Raised by :func:`pyobc.score` when the loader yields no batches (in any mode)."""
-
-
-class DistributedScoringError(RuntimeError):
-    """Base class of the errors that every rank raises together in data-parallel scoring."""
-
-
-class ConfigMismatchError(DistributedScoringError, ValueError):
-    """The ranks disagree on what they score (method, options, model, weights...); same message on every rank."""
-
-
-class EmptyShardError(DistributedScoringError, ValueError):
-    """Some rank's loader yielded no batches; same message on every rank."""
-
-
-class PeerFailedError(DistributedScoringError):
-    """Another rank failed before the ranks combined their accumulators (that rank raises its own error)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,9 +152,8 @@ def _data_fingerprint(batch: Any) -> tuple | None:
     """(sum, absolute sum) of every tensor of the first batch: equal on every rank = the same data."""
     if batch is None:
         return None
-    from .scoring.engine import _tensors
     out = []
-    for t in _tensors(getattr(batch, "data", batch)):
+    for t in tensors_in(getattr(batch, "data", batch)):
         t = t.detach()
         t = t.abs() if t.is_complex() else t
         t = t.to(torch.float64)

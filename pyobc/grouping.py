@@ -17,15 +17,16 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
-__all__ = ["IN_AXIS", "Slice", "Member", "Group", "build_groups", "preserved_state", "unwrap_model"]
+from .model_state import preserved_state, unwrap_model
+
+__all__ = ["IN_AXIS", "Slice", "Member", "Group", "build_groups"]
 
 #: Axis tag for "input channels" of a conv/linear weight: axis 1, expanded by the layer's ``groups``
 #: (for a grouped conv, input channel ``g*I_g + j`` lives at ``weight[g*O_g:(g+1)*O_g, j]``).
@@ -116,39 +117,6 @@ class Group:
             for m in d["members"]
         )
         return cls(root=d["root"], size=int(d["size"]), members=members, divisor=int(d.get("divisor", 1)))
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module to score: ``DistributedDataParallel``/``DataParallel`` wrappers and ``torch.compile``
-    wrappers are looked through (their parameters are the wrapped module's)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
-
-
-@contextlib.contextmanager
-def preserved_state(model: nn.Module, training: bool = False) -> Iterator[None]:
-    """Put every submodule in eval (or train) mode for the block, then restore each one's own flag.
-
-    Scoring runs the model in eval mode so that BatchNorm uses (and does not update) its running
-    statistics and dropout is off; users get their model back exactly as it was.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.train(training)
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,12 +241,30 @@ def build_groups(
         ValueError: the model has no prunable layer.
         NotImplementedError: a group contains a layer type pyobc cannot score (named in the message).
     """
-    import torch_pruning as tp
-    from torch_pruning.pruner import function as tp_function
+    import torch_pruning as tp  # imported on first use: it takes a second to import
 
     model = unwrap_model(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    param_names = {id(p): n for n, p in model.named_parameters()}
+    ignored = _ignored_ids(model, ignored_layers)
+    dg, seen = _trace(tp, model, example_inputs, forward_fn)
+    if called is not None:
+        called |= seen
+    converter = _GroupConverter(tp, dg, model, ignored)
+    groups = [g for tp_group in dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear))
+              if (g := converter.convert(tp_group)) is not None]
+    if converter.unsupported:
+        raise NotImplementedError(
+            "pyobc cannot score these layers, which are coupled to prunable channels: "
+            + ", ".join(sorted(converter.unsupported))
+            + ". Pass them in ignored_layers to leave their groups unscored.")
+    if not groups:
+        raise ValueError(
+            f"{type(model).__name__} has no prunable layer: pyobc prunes the out-channels of conv and "
+            "linear layers that do not produce the model's output")
+    return groups
+
+
+def _ignored_ids(model: nn.Module, ignored_layers: Sequence[nn.Module | str]) -> set[int]:
+    """``id()`` of every module in ``ignored_layers`` (modules or qualified names)."""
     ignored: set[int] = set()
     for layer in ignored_layers:
         if isinstance(layer, str):
@@ -289,7 +275,11 @@ def build_groups(
         if not isinstance(layer, nn.Module):
             raise TypeError(f"ignored_layers entries must be modules or names, got {type(layer).__name__}")
         ignored.add(id(layer))
+    return ignored
 
+
+def _trace(tp: Any, model: nn.Module, example_inputs: Any, forward_fn: Any) -> tuple[Any, set[str]]:
+    """Torch-Pruning's DependencyGraph of ``model``, and the names of the modules the forward called."""
     seen: set[str] = set()
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.add(n)) for n, m in model.named_modules()]
     try:
@@ -301,56 +291,66 @@ def build_groups(
     finally:
         for h in handles:
             h.remove()
-    if called is not None:
-        called |= seen
+    return dg, seen
 
-    groups: list[Group] = []
-    unsupported: set[str] = set()
-    for tp_group in dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+
+class _GroupConverter:
+    """Turns Torch-Pruning groups of one model into :class:`Group` records; collects the names of
+    coupled layers pyobc cannot score in :attr:`unsupported`."""
+
+    def __init__(self, tp: Any, dg: Any, model: nn.Module, ignored: set[int]):
+        from torch_pruning.pruner import function as tp_function
+
+        self.tp, self.tp_function, self.dg, self.ignored = tp, tp_function, dg, ignored
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.param_names = {id(p): n for n, p in model.named_parameters()}
+        self.unsupported: set[str] = set()
+
+    def convert(self, tp_group: Any) -> Group | None:
+        """The group, or None when it must not be pruned (an ignored layer, a model output) or is empty."""
         members: list[Member] = []
-        skip = False
         divisor = 1
         for item in tp_group:
-            dep = item.dep
-            target = dep.target.module
-            pruner = dep.handler.__self__
-            kind = _member_kind(tp_function, pruner, dg.is_out_channel_pruning_fn(dep.handler))
-            if kind is None:
+            member = self._member(item)
+            if member is _SKIP_GROUP:
+                return None
+            if member is None:
                 continue
-            if isinstance(target, nn.Parameter):
-                name = param_names.get(id(target))
-                module_type = "Parameter"
-            else:
-                name = names.get(id(target))
-                module_type = type(target).__name__
-                if id(target) in ignored and dg.is_out_channel_pruning_fn(dep.handler):
-                    skip = True
-            if name is None:
-                continue
-            if kind == "unsupported":
-                unsupported.add(f"{name} ({module_type})")
-                continue
-            if kind in ("out", "depthwise", "attention", "norm") and _feeds_output(tp, dep.target):
-                skip = True  # removing these channels would change the model's output shape
-            if kind == "attention":
-                divisor = max(divisor, int(target.num_heads))
-            index, root = _long(item.idxs), _long(item.root_idxs)
-            slices = _slices_for(kind, target, name, index, root, pruning_dim=dep.target.pruning_dim)
-            if slices:
-                members.append(Member(name, kind, module_type, index, root, tuple(slices)))
-        if skip or not members:
-            continue
+            if member.kind == "attention":
+                divisor = max(divisor, int(item.dep.target.module.num_heads))
+            members.append(member)
+        if not members:
+            return None
         root_member = members[0]
         size = int(root_member.root.max().item()) + 1 if root_member.root.numel() else 0
-        groups.append(Group(root=root_member.module, size=size, members=tuple(members), divisor=divisor))
+        return Group(root=root_member.module, size=size, members=tuple(members), divisor=divisor)
 
-    if unsupported:
-        raise NotImplementedError(
-            "pyobc cannot score these layers, which are coupled to prunable channels: "
-            + ", ".join(sorted(unsupported))
-            + ". Pass them in ignored_layers to leave their groups unscored.")
-    if not groups:
-        raise ValueError(
-            f"{type(model).__name__} has no prunable layer: pyobc prunes the out-channels of conv and "
-            "linear layers that do not produce the model's output")
-    return groups
+    def _member(self, item: Any) -> Member | object | None:
+        """One Torch-Pruning dependency as a :class:`Member`; None to leave it out; :data:`_SKIP_GROUP`
+        when the whole group must not be pruned."""
+        dep = item.dep
+        target = dep.target.module
+        is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
+        kind = _member_kind(self.tp_function, dep.handler.__self__, is_out)
+        if kind is None:
+            return None
+        if isinstance(target, nn.Parameter):
+            name, module_type = self.param_names.get(id(target)), "Parameter"
+        else:
+            name, module_type = self.names.get(id(target)), type(target).__name__
+            if id(target) in self.ignored and is_out:
+                return _SKIP_GROUP
+        if name is None:
+            return None
+        if kind == "unsupported":
+            self.unsupported.add(f"{name} ({module_type})")
+            return None
+        if kind in ("out", "depthwise", "attention", "norm") and _feeds_output(self.tp, dep.target):
+            return _SKIP_GROUP  # removing these channels would change the model's output shape
+        index, root = _long(item.idxs), _long(item.root_idxs)
+        slices = _slices_for(kind, target, name, index, root, pruning_dim=dep.target.pruning_dim)
+        return Member(name, kind, module_type, index, root, tuple(slices)) if slices else None
+
+
+#: returned by :meth:`_GroupConverter._member` for a dependency that makes its whole group unprunable
+_SKIP_GROUP = object()

@@ -23,7 +23,23 @@ import torch.nn as nn
 
 from .grouping import IN_AXIS, Group
 
-__all__ = ["keep_masks", "zero_channels", "lowest_channels"]
+__all__ = ["removed_mask", "keep_masks", "zero_channels", "lowest_channels"]
+
+
+def removed_mask(group: Group, removed: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """Boolean mask over the group's root channels, True where removed (IndexError when out of range).
+
+    Example:
+        >>> from pyobc.grouping import Group
+        >>> removed_mask(Group("fc", 4, ()), [1, 3]).tolist()
+        [False, True, False, True]
+    """
+    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1)
+    if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= group.size):
+        raise IndexError(f"group {group.root!r} has {group.size} channels; got indices {removed.tolist()}")
+    mask = torch.zeros(group.size, dtype=torch.bool)
+    mask[removed] = True
+    return mask
 
 
 def _slice_mask(mask: torch.Tensor, axis: int, groups: int, positions: torch.Tensor) -> None:
@@ -55,11 +71,7 @@ def keep_masks(groups: Sequence[Group], params: Mapping[str, torch.Tensor],
         if root not in by_root:
             raise KeyError(f"no group is rooted at {root!r}")
         group = by_root[root]
-        channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1)
-        if channels.numel() and (channels.min() < 0 or channels.max() >= group.size):
-            raise IndexError(f"group {root!r} has {group.size} channels; got indices {channels.tolist()}")
-        chosen = torch.zeros(group.size, dtype=torch.bool)
-        chosen[channels] = True
+        chosen = removed_mask(group, channels)
         for member in group.members:
             for s in member.slices:
                 mask = masks.get(s.param)

@@ -19,6 +19,10 @@ from typing import Callable
 
 import torch
 
+from . import ops
+from .ops import reference
+from .progress import progress_bar, show_progress
+
 __all__ = ["BenchResult", "run_bench", "format_bench", "extension_status"]
 
 
@@ -63,8 +67,6 @@ def extension_status(device: str = "cpu") -> tuple[bool, str]:
         >>> isinstance(ok, bool) and isinstance(why, str)
         True
     """
-    from . import ops
-
     report = ops.backend_report()
     ext = report["extension"]
     served = {name: info.get(device) for name, info in report["ops"].items()}
@@ -78,9 +80,6 @@ def extension_status(device: str = "cpu") -> tuple[bool, str]:
 
 def _cases(quick: bool, device: str) -> list[tuple[str, str, Callable[[], tuple]]]:
     """(case, op, build) with build() -> (compiled_fn, reference_fn); inputs are made on demand."""
-    from . import ops
-    from .ops import _reference as ref
-
     gen = torch.Generator().manual_seed(0)
 
     def randn(*shape):
@@ -94,15 +93,15 @@ def _cases(quick: bool, device: str) -> list[tuple[str, str, Callable[[], tuple]
 
     def act(per_sample):
         a, b = randn(n, c, hw, hw), randn(n, c, hw, hw)
-        return (lambda: ops.channel_dot(a, b, 1, per_sample), lambda: ref.channel_dot(a, b, 1, per_sample))
+        return (lambda: ops.channel_dot(a, b, 1, per_sample), lambda: reference.channel_dot(a, b, 1, per_sample))
 
     def tokens():
         a, b = randn(n, t, e), randn(n, t, e)
-        return (lambda: ops.channel_dot(a, b, -1), lambda: ref.channel_dot(a, b, -1))
+        return (lambda: ops.channel_dot(a, b, -1), lambda: reference.channel_dot(a, b, -1))
 
     def weights():
         w, g = randn(o, i, 3, 3), randn(o, i, 3, 3)
-        return (lambda: ops.weight_channel_sums(w, g, 1), lambda: ref.weight_channel_sums(w, g, 1))
+        return (lambda: ops.weight_channel_sums(w, g, 1), lambda: reference.weight_channel_sums(w, g, 1))
 
     def csr(reduce=None):
         values = randn(rows, src)
@@ -111,9 +110,9 @@ def _cases(quick: bool, device: str) -> list[tuple[str, str, Callable[[], tuple]
         col = torch.randint(0, src, (int(counts.sum()),), generator=gen).to(device)
         if reduce is None:
             return (lambda: ops.csr_gather_sum(values, rowptr, col, check=False),
-                    lambda: ref.csr_gather_sum(values, rowptr, col))
+                    lambda: reference.csr_gather_sum(values, rowptr, col))
         return (lambda: ops.csr_gather_reduce(values, rowptr, col, reduce, check=False),
-                lambda: ref.csr_gather_reduce(values, rowptr, col, reduce))
+                lambda: reference.csr_gather_reduce(values, rowptr, col, reduce))
 
     def gather():
         # every weight and bias of a small ResNet, half of the out-channels kept (what pruning does)
@@ -126,7 +125,7 @@ def _cases(quick: bool, device: str) -> list[tuple[str, str, Callable[[], tuple]
                 tensors.append(randn(*shape))
                 dims.append(0)
                 idx.append(torch.randperm(w, generator=gen)[: w // 2].sort().values.to(device))
-        return (lambda: ops.gather_channels(tensors, dims, idx), lambda: ref.gather_channels(tensors, dims, idx))
+        return (lambda: ops.gather_channels(tensors, dims, idx), lambda: reference.gather_channels(tensors, dims, idx))
 
     return [
         (f"activations {n}x{c}x{hw}x{hw}", "channel_dot", lambda: act(False)),
@@ -158,8 +157,6 @@ def run_bench(quick: bool = False, device: str = "cpu", repeats: int | None = No
         >>> rs[0].ratio > 0                                                  # doctest: +SKIP
         True
     """
-    from .models.training import _show_progress, _tqdm
-
     dev = torch.device(device)
     ok, _ = extension_status(dev.type)
     if not ok:
@@ -171,7 +168,7 @@ def run_bench(quick: bool = False, device: str = "cpu", repeats: int | None = No
     cases = [cs for cs in _cases(quick, device) if only is None or only in cs[0] or only in cs[1]]
     results = []
     with torch.no_grad():
-        for case, op, build in _tqdm(cases, _show_progress(progress), desc="pyobc bench", unit="op"):
+        for case, op, build in progress_bar(cases, show_progress(progress), desc="pyobc bench", unit="op"):
             compiled, reference = build()
             compiled(), reference()  # warm-up: allocator, first-call dispatch, lazy kernels
             ct, rt = [], []

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import pyobc
 from pyobc.pruning.counting import tensor_shapes
 from pyobc.pruning.equivalent import OBCAdapted, qualifies
-from test_prune_helpers import ZOO, assert_consistent, build, inputs
+from prune_testing import ZOO, assert_consistent, build, inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

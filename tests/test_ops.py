@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyobc.ops as ops
-from pyobc.ops import _reference, _registry
+from pyobc.ops import _registry
+from pyobc.ops import reference as _reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DISABLED = os.environ.get("PYOBC_DISABLE_EXT", "").strip() == "1"
@@ -301,7 +302,7 @@ def test_schemas_match_csrc():
 
 
 def test_info_lists_every_op_with_its_backends():
-    from pyobc.info import format_info
+    from pyobc.versions import format_info
     lines = format_info().splitlines()
     for spec in _registry.OPS:
         row = [line.split() for line in lines if line.split()[:1] == [spec.name]]
@@ -367,7 +368,7 @@ _SUBPROCESS_CHECK = textwrap.dedent("""
     import json, os, warnings
     warnings.simplefilter("error", RuntimeWarning)   # disabled on purpose: must not warn
     import torch, pyobc.ops as ops
-    from pyobc.ops import _reference
+    from pyobc.ops import reference as _reference
     a = torch.randn(4, 6, 5, 5); b = torch.randn(4, 6, 5, 5)
     w = torch.randn(6, 2, 3, 3); t = torch.randn(6, 2, 3, 3)
     cd = ops.channel_dot(a, b, 1, per_sample=True)

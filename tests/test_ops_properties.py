@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import pyobc.ops as ops
-from pyobc.ops import _reference
+from pyobc.ops import reference as _reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DISABLED = os.environ.get("PYOBC_DISABLE_EXT", "").strip() == "1"

@@ -13,7 +13,7 @@ import pyobc
 from pyobc.grouping import Group, Member, Slice
 from pyobc.masking import zero_channels
 from pyobc.pruning.counting import macs_from, tensor_shapes, trace_costs
-from test_prune_helpers import ZOO, assert_consistent, build, inputs, state_equal
+from prune_testing import ZOO, assert_consistent, build, inputs, state_equal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import torch
 
 import pyobc
 from pyobc.pruning.plan import plan_of
-from test_prune_helpers import ZOO, assert_consistent, build, inputs
+from prune_testing import ZOO, assert_consistent, build, inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import torch
 
 import pyobc
 from pyobc.pruning.plan import plan_of
-from test_prune_helpers import assert_consistent, build
+from prune_testing import assert_consistent, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

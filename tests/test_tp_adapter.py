@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyobc
-from test_prune_helpers import assert_consistent, build
+from prune_testing import assert_consistent, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

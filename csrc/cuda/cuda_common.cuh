@@ -1,5 +1,7 @@
 // Shared device/host helpers of the pyobc CUDA kernels (stable-ABI headers only: no ATen/c10 CUDA
-// headers, so the kernels compile-check against a CPU build of torch).
+// headers, so the kernels compile-check against a CPU build of torch). Included by every
+// csrc/cuda/*.cu; the host-side helpers shared with the CPU kernels (AccOf, OutOf, ceil_div, the
+// argument checks) are in csrc/common.h, which this includes.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -78,8 +80,6 @@ __device__ __forceinline__ Acc warp_sum(Acc v) {
   for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Launch {
   cudaStream_t stream;

@@ -1,6 +1,6 @@
 """The scoring criteria and their registry.
 
-Each criterion is a :class:`~pyobc.methods.base.Criterion` subclass in a module of its own, registered
+Each criterion is a :class:`~pyobc.criteria.base.Criterion` subclass in a module of its own, registered
 under its name with :func:`register`. ``pyobc.methods()`` lists them.
 
 Example:

@@ -116,6 +116,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import CONV
 from . import register
 from .base import Criterion, Result, tensors_requiring_grad
 
@@ -137,7 +138,7 @@ def _qual(module: str, attr: str) -> str:
 def _scorable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
-    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+    return (isinstance(module, CONV) and not module.transposed
             and module.weight.dim() - 2 in _CONV_WEIGHT)
 
 
@@ -176,7 +177,7 @@ class EC(Criterion):
                         and _qual(m.module, "weight") in ctx.params):
                     self._consumers.setdefault(m.module, []).append((gi, mi, m))
         scored = dict.fromkeys(self._consumers)
-        if ctx.granularity == "weight":
+        if self.per_weight:
             for name, module in ctx.modules.items():
                 if _scorable(module) and name in ctx.called and _qual(name, "weight") in ctx.params:
                     scored[name] = None
@@ -192,7 +193,7 @@ class EC(Criterion):
                  if isinstance(rec.y, torch.Tensor) and isinstance(rec.x, torch.Tensor)]
         zs = [rec.y for _, rec in calls]
         phis = self._curvature(loss, outputs, zs, float(batch.size))
-        weight_mode = ctx.granularity == "weight"
+        weight_mode = self.per_weight
         for (name, rec), phi in zip(calls, phis):
             module = self._scored[name]
             x = rec.x.detach()
@@ -296,7 +297,7 @@ class EC(Criterion):
         if f"bb:{name}" not in self.acc:
             self.add(f"bb:{name}", zeros(w.shape[0]))
             self.add(f"wb:{name}", zeros(w.shape))
-        if self.ctx.granularity == "weight" and f"ww:{name}" not in self.acc:
+        if self.per_weight and f"ww:{name}" not in self.acc:
             self.add(f"ww:{name}", zeros(w.shape))
         for gi, mi, m in self._consumers.get(name, ()):
             if f"uu:{gi}:{mi}" not in self.acc:
@@ -430,7 +431,7 @@ class EC(Criterion):
                 ratio[name] = torch.zeros_like(wb)
 
         parameter = None
-        if ctx.granularity == "weight":
+        if self.per_weight:
             parameter, shifts = {}, {}
             for name in self._scored:
                 if name not in ratio:
@@ -455,7 +456,7 @@ class EC(Criterion):
             # per (out i, local in-channel): sum over taps of W * h_wb / h_bb = the channel's shift
             col = (wd * ratio[name]).reshape(o, w.shape[1], -1).sum(-1)
             bb = self.acc[f"bb:{name}"]
-            groups = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
+            groups = getattr(module, "groups", 1) if isinstance(module, CONV) else 1
             o_g, i_g = o // groups, w.shape[1]
             full = col.repeat(1, groups)  # (O, groups * I_g): group-expanded input channels
             if groups > 1:

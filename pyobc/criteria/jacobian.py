@@ -1,8 +1,9 @@
 """The Jacobian criterion of Optimal Brain Connection (Chen et al., 2025)."""
 from __future__ import annotations
 
+from ..scoring.per_sample_pass import PerSamplePass
 from . import register
-from .base import Criterion, PerSamplePass, Result
+from .base import Criterion, Result
 
 
 @register
@@ -26,11 +27,11 @@ class Jacobian(Criterion):
         if self.opts["rows"] == "batch":
             _, grads = self.gradients(batch)
             m = self.channels(self.ctx.theta, grads)
-            self.add("m2", m * m)
+            self.add("member_sq_sums", m * m)
         else:
             rows = PerSamplePass(self.ctx, batch, params=[], rows=True).member_rows()
-            self.add("m2", (rows * rows).sum(0))
+            self.add("member_sq_sums", (rows * rows).sum(0))
 
     def finalize(self) -> Result:
         layout = self.ctx.layout
-        return Result(layout.split(layout.group_sum(self.acc["m2"])))
+        return Result(layout.split(layout.group_sum(self.acc["member_sq_sums"])))

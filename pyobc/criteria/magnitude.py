@@ -23,7 +23,4 @@ class Magnitude(Criterion):
         # sum |theta|^p = sum theta * theta (p=2) or theta * sign(theta) (p=1): the shared pair reduction
         other = {n: (t if p == 2 else t.sign()) for n, t in theta.items()}
         channel = layout.split(layout.group_sum(self.channels(theta, other)))
-        parameter = None
-        if self.ctx.granularity == "weight":
-            parameter = {n: t.abs() ** p for n, t in theta.items()}
-        return Result(channel, parameter)
+        return Result(channel, self.weight_scores(compute=lambda: {n: t.abs() ** p for n, t in theta.items()}))

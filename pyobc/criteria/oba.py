@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-
+from ..layers import NORMS
 from ..scoring.gates import GatedModel, gate_layout, second_order_mode
-from ..scoring.per_sample import _NORMS
 from . import register
 from .base import Criterion, Result, tensors_requiring_grad, validate_micro_batch
 
@@ -65,7 +63,7 @@ class OBA(Criterion):
     def update(self, batch) -> None:
         # second-order passes hold the first backward's graph: bound memory with micro-batches
         for part, weight in self.ctx.micro_batches(batch, self.opts["micro_batch"]):
-            if self.ctx.granularity == "weight":
+            if self.per_weight:
                 self._update_weights(part, weight)
             else:
                 self._update_channels(part, weight)
@@ -86,12 +84,13 @@ class OBA(Criterion):
         h_members = gm.members(a2)
         # d2/d(alpha)d(eps) = theta_s^T H v + theta_s^T g where alpha and eps scale the same weights
         s_members = h_members - gm.shared * g_members + self.opts["delta"] * g_members
-        self.add("m", s_members)
+        self.add("member_scores", s_members)
 
-    def _v(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _direction(self, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Hessian-vector product's ``v``: theta, with zeros on norm parameters for the inter-layer Hessian."""
         if self.opts["hessian"] == "full":
             return theta
-        norm = {f"{n}.{k}" if n else k for n, m in self.ctx.modules.items() if isinstance(m, _NORMS + (nn.LayerNorm,))
+        norm = {f"{n}.{k}" if n else k for n, m in self.ctx.modules.items() if isinstance(m, NORMS)
                 for k, _ in m.named_parameters(recurse=False)}
         return {n: (torch.zeros_like(t) if n in norm else t) for n, t in theta.items()}
 
@@ -104,7 +103,7 @@ class OBA(Criterion):
             loss = ctx.loss(batch, outputs=outputs)
             objective = self._objective(loss, outputs) * weight
             grads = torch.autograd.grad(objective, leaves, create_graph=True, allow_unused=True)
-            theta, v = ctx.theta, self._v(ctx.theta)
+            theta, v = ctx.theta, self._direction(ctx.theta)
             dot = sum((g * v[n]).sum() for n, g in zip(names, grads) if g is not None and g.requires_grad)
             if isinstance(dot, torch.Tensor):
                 hv = torch.autograd.grad(dot, leaves, allow_unused=True)
@@ -117,13 +116,13 @@ class OBA(Criterion):
             if delta:
                 t = t + delta * (torch.zeros_like(theta[n]) if g is None else g.detach())
             total[n] = t
-            self.add(f"w:{n}", theta[n] * t)
-        self.add("m", self.channels(theta, total))
+        self.add_weight_scores(lambda: {n: theta[n] * t for n, t in total.items()})
+        self.add("member_scores", self.channels(theta, total))
 
     def finalize(self) -> Result:
-        layout = self.ctx.layout if self.ctx.granularity == "weight" else gate_layout(self.ctx)
+        layout = self.ctx.layout if self.per_weight else gate_layout(self.ctx)
         nb = self.count("batches")
-        members = (self.acc["m"] / nb).abs()
+        members = (self.acc["member_scores"] / nb).abs()
         how = self.opts["group_reduction"]
         if how == "mean":
             channels = layout.group_mean_nonzero(members)
@@ -134,7 +133,4 @@ class OBA(Criterion):
         if self.opts["normalize"] == "max":
             top = layout.group_max(channels)
             channels = torch.where(top > 0, channels / top.clamp_min(torch.finfo(channels.dtype).tiny), channels)
-        parameter = None
-        if self.ctx.granularity == "weight":
-            parameter = {n: self.acc[f"w:{n}"] / nb for n in self.ctx.params}
-        return Result(layout.split(channels), parameter)
+        return Result(layout.split(channels), self.weight_scores(nb))

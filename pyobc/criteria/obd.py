@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..scoring.per_sample_pass import PerSamplePass
 from . import register
-from .base import Criterion, PerSamplePass, Result
+from .base import Criterion, Result
 
 
 @register
@@ -35,7 +36,4 @@ class OBD(Criterion):
         fisher = self.fisher()
         half = {n: 0.5 * theta[n] * f for n, f in fisher.items()}
         channel = layout.split(layout.group_sum(self.channels(theta, half)))
-        parameter = None
-        if self.ctx.granularity == "weight":
-            parameter = {n: theta[n] * h for n, h in half.items()}
-        return Result(channel, parameter)
+        return Result(channel, self.weight_scores(compute=lambda: {n: theta[n] * h for n, h in half.items()}))

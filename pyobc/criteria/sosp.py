@@ -38,7 +38,7 @@ checked against the option ``max_memory`` before anything large is allocated.
 
 Both: per batch the signed ``theta_s^T g``, ``theta_s^T u`` (and ``Q``) are summed; the scores use their
 means over batches, then the absolute values. ``Scores.extras`` holds, per group root (the keys of
-:meth:`~pyobc.scores.Scores.by_module`), the signed means ``"theta_g"`` (``theta_s^T g``) and
+:meth:`~pyobc.scoring.scores.Scores.by_module`), the signed means ``"theta_g"`` (``theta_s^T g``) and
 ``"theta_u"`` (``theta_s^T u``; for SOSP-I the row sums of ``Q``), float64 on the CPU: the raw material
 of SOSP's architecture-bottleneck view (the layers it prunes least are the ones to widen). SOSP-I adds
 ``"Q"`` (float64, CPU): rows and columns are the group channels in the order of ``Scores.groups``,
@@ -169,12 +169,13 @@ class SOSPH(_SOSP):
         # GGN products are sums over samples: micro-batches (weights n_i / N) bound the memory
         layout = self._layout()
         for part, weight in self.ctx.micro_batches(batch, self.opts["micro_batch"]):
-            first, u, gm = self._one(part)
-            self.add("g", _group_values(layout, gm, first).double() * weight)
-            self.add("u", _group_values(layout, gm, u).double() * weight)
+            first, u, gm = self._gate_products(part)
+            self.add("theta_g", _group_values(layout, gm, first).double() * weight)
+            self.add("theta_ggn_theta", _group_values(layout, gm, u).double() * weight)
         self.add("batches", 1)
 
-    def _one(self, batch):
+    def _gate_products(self, batch):
+        """(theta_s^T g, theta_s^T GGN theta_M) per gate for one micro-batch, and its gated model."""
         gm = GatedModel(self.ctx)
         tangents = self._tangents(gm)
         if self._mode == "forward":
@@ -218,8 +219,8 @@ class SOSPH(_SOSP):
 
     def finalize(self) -> Result:
         nb = self.count("batches")
-        g = self.acc["g"] / nb
-        u = self.acc["u"] / nb
+        g = self.acc["theta_g"] / nb
+        u = self.acc["theta_ggn_theta"] / nb
         return self._result(g, u, u.abs())
 
 
@@ -337,11 +338,11 @@ class SOSPI(_SOSP):
         q = U.reshape(-1, s).transpose(0, 1) @ lu.reshape(-1, s)
         del U, lu
         self.add("Q", q.double())
-        self.add("g", _group_values(layout, gm, first).sum(0).double())
+        self.add("theta_g", _group_values(layout, gm, first).sum(0).double())
         self.add("batches", 1)
 
     def finalize(self) -> Result:
         nb = self.count("batches")
         q = self.acc["Q"] / nb
-        g = self.acc["g"] / nb
+        g = self.acc["theta_g"] / nb
         return self._result(g, q.sum(1), q.abs().sum(1), extras={"Q": q.detach().to("cpu", torch.float64).clone()})

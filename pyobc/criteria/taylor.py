@@ -21,16 +21,11 @@ class Taylor(Criterion):
         _, grads = self.gradients(batch)
         theta, layout = self.ctx.theta, self.ctx.layout
         a = layout.group_sum(self.channels(theta, grads))
-        self.add("a2", a * a)
+        self.add("group_sq_sums", a * a)
         self.add("batches", 1)
-        if self.ctx.granularity == "weight":
-            for n, g in grads.items():
-                self.add(f"w:{n}", (theta[n] * g) ** 2)
+        self.add_weight_scores(lambda: {n: (theta[n] * g) ** 2 for n, g in grads.items()})
 
     def finalize(self) -> Result:
         nb = self.count("batches")
-        channel = self.ctx.layout.split(self.acc["a2"] / nb)
-        parameter = None
-        if self.ctx.granularity == "weight":
-            parameter = {n: self.acc[f"w:{n}"] / nb for n in self.ctx.params}
-        return Result(channel, parameter)
+        channel = self.ctx.layout.split(self.acc["group_sq_sums"] / nb)
+        return Result(channel, self.weight_scores(nb))

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._common import check_common, kaiming_init
+from ._common import check_common, kaiming_init, scaled
 
 __all__ = ["MLP", "mlp"]
 
@@ -53,7 +53,5 @@ def mlp(
 ) -> MLP:
     """MLP with hidden sizes ``hidden`` (each scaled by ``width`` when given)."""
     if width is not None:
-        from ._common import scaled
-
         hidden = tuple(scaled(h, width) for h in hidden)
     return MLP(num_classes, in_channels, input_size, hidden)

@@ -4,13 +4,15 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..progress import progress_bar, show_progress
 
 __all__ = ["train", "evaluate", "RandomShift", "default_param_groups"]
 
@@ -23,27 +25,18 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _show_progress(progress: bool | None) -> bool:
-    if progress is None:
-        return bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return bool(progress)
-
-
-def _tqdm(iterable, enabled: bool, **kwargs):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is optional
-        return iterable
-    return tqdm(iterable, **kwargs)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy (a float in [0, 1]) of ``model`` over ``loader``'s ``(x, y)`` batches.
 
     The model runs in eval mode; its previous train/eval mode is restored afterwards.
+
+    Example:
+        >>> import torch
+        >>> from pyobc.models import evaluate
+        >>> net = torch.nn.Linear(4, 2)
+        >>> evaluate(net, [(torch.eye(4), net(torch.eye(4)).argmax(1))])
+        1.0
     """
     was_training = model.training
     device = _model_device(model)
@@ -92,7 +85,14 @@ class RandomShift:
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: weight decay on weight matrices/kernels (ndim >= 2), none on biases, norm
-    parameters and other 1-d parameters. Frozen parameters are left out."""
+    parameters and other 1-d parameters. Frozen parameters are left out.
+
+    Example:
+        >>> import torch
+        >>> from pyobc.models import default_param_groups
+        >>> [(len(g["params"]), g["weight_decay"]) for g in default_param_groups(torch.nn.Linear(4, 2), 5e-4)]
+        [(1, 0.0005), (1, 0.0)]
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -166,7 +166,45 @@ def train(
 
     The model is trained in train mode; its previous mode is restored at the end. Torch's global
     RNG is not used unless the model or ``augment`` use it.
+
+    Example:
+        >>> import torch
+        >>> from pyobc.models import train
+        >>> net = torch.nn.Linear(4, 2)
+        >>> losses = train(net, [(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))] * 4, epochs=3, lr=0.1)
+        >>> len(losses), losses[-1] < losses[0]
+        (3, True)
     """
+    _check_train_args(epochs, lr, weight_decay, warmup)
+    if epochs == 0:
+        return []
+    steps_per_epoch = _steps_per_epoch(loader)
+    groups = _param_groups(model, param_groups, lr, weight_decay)
+    opt = _optimizer(groups, optimizer, lr, momentum, nesterov, betas)
+    scheduler = _scheduler(opt, epochs * steps_per_epoch, warmup, schedule, min_lr_ratio)
+    if loss_fn is None:
+        def loss_fn(logits, targets):
+            return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+    step = _TrainStep(model, _model_device(model), opt, scheduler, loss_fn, augment, max_grad_norm,
+                      [p for g in groups for p in g["params"]])
+    was_training = model.training
+    model.train()
+    history: list[float] = []
+    bar = progress_bar(range(epochs), show_progress(progress), desc="train", unit="epoch", leave=False)
+    try:
+        for _ in bar:
+            history.append(_train_epoch(step, loader))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{history[-1]:.4f}")
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+        model.train(was_training)
+    return history
+
+
+def _check_train_args(epochs, lr, weight_decay, warmup) -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     if not lr > 0:
@@ -175,15 +213,22 @@ def train(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not 0.0 <= warmup < 1.0:
         raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup!r}")
-    if epochs == 0:
-        return []
-    try:
-        steps_per_epoch = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = sum(1 for _ in loader)
-    if steps_per_epoch == 0:
-        raise ValueError("train: the loader yields no batches")
 
+
+def _steps_per_epoch(loader: Iterable) -> int:
+    try:
+        steps = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps = sum(1 for _ in loader)
+    if steps == 0:
+        raise ValueError("train: the loader yields no batches")
+    return steps
+
+
+def _param_groups(model: nn.Module, param_groups: Sequence[dict] | None, lr: float,
+                  weight_decay: float) -> list[dict]:
+    """The optimizer's groups: the caller's (copied, missing ``lr``/``weight_decay`` filled in) or
+    :func:`default_param_groups`."""
     if param_groups is None:
         groups = default_param_groups(model, weight_decay)
     else:
@@ -197,50 +242,56 @@ def train(
         g.setdefault("lr", lr)
     if not any(len(g["params"]) for g in groups):
         raise ValueError("train: no trainable parameters")
+    return groups
 
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    total = epochs * steps_per_epoch
+
+def _optimizer(groups: list[dict], name: str, lr: float, momentum: float, nesterov: bool,
+               betas: tuple[float, float]) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+
+
+def _scheduler(opt: torch.optim.Optimizer, total: int, warmup: float, schedule: str,
+               min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factors over ``total`` steps (warm-up, then ``schedule``)."""
     warmup_steps = int(round(warmup * total))
     _lr_factor(0, total, warmup_steps, schedule, min_lr_ratio)  # validates `schedule`
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: _lr_factor(step, total, warmup_steps, schedule, min_lr_ratio)
     )
-    if loss_fn is None:
-        def loss_fn(logits, targets):
-            return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
-    device = _model_device(model)
-    params = [p for g in groups for p in g["params"]]
-    was_training = model.training
-    model.train()
-    history: list[float] = []
-    bar = _tqdm(range(epochs), _show_progress(progress), desc="train", unit="epoch", leave=False)
-    try:
-        for _ in bar:
-            loss_sum, count = 0.0, 0
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                if augment is not None:
-                    x = augment(x)
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                opt.step()
-                scheduler.step()
-                loss_sum += float(loss.detach()) * y.shape[0]
-                count += y.shape[0]
-            history.append(loss_sum / max(1, count))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{history[-1]:.4f}")
-    finally:
-        if hasattr(bar, "close"):
-            bar.close()
-        model.train(was_training)
-    return history
+
+@dataclasses.dataclass
+class _TrainStep:
+    """Everything one optimisation step needs (batches go to ``device``, the model's)."""
+
+    model: nn.Module
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    augment: Callable[[torch.Tensor], torch.Tensor] | None
+    max_grad_norm: float | None
+    params: list[torch.Tensor]
+
+
+def _train_epoch(step: _TrainStep, loader: Iterable) -> float:
+    """One pass over ``loader``; returns the mean training loss per sample."""
+    loss_sum, count = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(step.device), y.to(step.device)
+        if step.augment is not None:
+            x = step.augment(x)
+        loss = step.loss_fn(step.model(x), y)
+        step.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(step.params, step.max_grad_norm)
+        step.optimizer.step()
+        step.scheduler.step()
+        loss_sum += float(loss.detach()) * y.shape[0]
+        count += y.shape[0]
+    return loss_sum / max(1, count)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_common
+from ._common import check_common, scaled
 
 __all__ = ["Block", "VisionTransformer", "vit_tiny", "default_patch_size"]
 
@@ -127,7 +127,5 @@ def vit_tiny(
 ) -> VisionTransformer:
     """Tiny ViT; ``width`` (if given) scales ``embed_dim`` (kept a multiple of ``num_heads``)."""
     if width is not None:
-        from ._common import scaled
-
         embed_dim = max(num_heads, int(round(scaled(embed_dim, width) / num_heads)) * num_heads)
     return VisionTransformer(num_classes, in_channels, input_size, patch_size, embed_dim, depth, num_heads, mlp_ratio)

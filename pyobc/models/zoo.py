@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import datasets
+from .._cache import atomic_save, safe_load
+from .._cache import cache_dir as cache_root
 from .mlp import mlp
 from .resnet import resnet20, resnet32, resnet56
 from .training import RandomShift, evaluate, train
@@ -41,7 +44,13 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 
 
 def names() -> list[str]:
-    """Sorted names of the zoo's models."""
+    """Sorted names of the zoo's models.
+
+    Example:
+        >>> from pyobc import models
+        >>> models.names()[:3]
+        ['mlp', 'resnet20', 'resnet32']
+    """
     return sorted(_BUILDERS)
 
 
@@ -50,6 +59,11 @@ def get(name: str, **kwargs) -> nn.Module:
 
     Every builder takes ``num_classes=10, in_channels=3, input_size=32`` and ``width``; see each
     builder for its own extra options.
+
+    Example:
+        >>> from pyobc import models
+        >>> type(models.get("vgg11", in_channels=1, input_size=8)).__name__
+        'VGG'
     """
     try:
         builder = _BUILDERS[name]
@@ -137,14 +151,12 @@ def _config(name, image_size, channels, epochs, seed, model_kwargs) -> dict:
 
 
 def _cache_path(config: dict, cache_dir) -> Path:
-    from .._cache import cache_dir as _root
-
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     fname = (
         f"{config['name']}_{config['image_size']}px_{config['channels']}ch_"
         f"e{config['recipe']['epochs']}_seed{config['seed']}_{digest}.pt"
     )
-    return _root(cache_dir, "models", ZOO_VERSION) / fname
+    return cache_root(cache_dir, "models", ZOO_VERSION) / fname
 
 
 def _build(config: dict) -> nn.Module:
@@ -158,8 +170,7 @@ def _build(config: dict) -> nn.Module:
 
 
 def _try_load(path: Path, config: dict) -> tuple[nn.Module, dict] | None:
-    from .._cache import safe_load
-
+    """The cached model and its metadata, or None when the file is missing, damaged or for another config."""
     blob = safe_load(path)
     if not isinstance(blob, dict):
         return None
@@ -238,60 +249,15 @@ def trained(
     ``model.test_accuracy`` (a float in [0, 1], the same as ``trained_info.test_accuracy``).
     """
     _check_args(name, image_size, channels, epochs, seed, model_kwargs, num_threads)
-    from .. import datasets
-
     config = _config(name, image_size, channels, epochs, seed, model_kwargs)
     path = _cache_path(config, cache_dir)
     loaded = None if force else _try_load(path, config)
-    if loaded is not None:
+    from_cache = loaded is not None
+    if from_cache:
         model, meta = loaded
-        from_cache = True
     else:
-        recipe = config["recipe"]
-        with _preserved_torch_state():
-            if num_threads is not None:
-                torch.set_num_threads(num_threads)
-            torch.manual_seed(seed)
-            model = _build(config)
-            train_loader = datasets.digits(
-                "train", batch_size=recipe["batch_size"], image_size=image_size, channels=channels, seed=seed
-            )
-            start = time.perf_counter()
-            train(
-                model,
-                train_loader,
-                epochs=recipe["epochs"],
-                lr=recipe["lr"],
-                weight_decay=recipe["weight_decay"],
-                progress=progress,
-                optimizer=recipe["optimizer"],
-                warmup=recipe["warmup"],
-                label_smoothing=recipe["label_smoothing"],
-                augment=RandomShift(recipe["shift"] * (image_size // 8), seed=seed) if recipe["shift"] else None,
-            )
-            seconds = time.perf_counter() - start
-            train_eval = datasets.digits("train", batch_size=256, image_size=image_size, channels=channels, shuffle=False)
-            meta = {
-                "test_accuracy": float(evaluate(model, _test_loader(image_size, channels))),
-                "train_accuracy": float(evaluate(model, train_eval)),
-                "train_seconds": float(seconds),
-            }
-        from_cache = False
-        blob = {
-            "format": _FORMAT,
-            "zoo_version": ZOO_VERSION,
-            "config": config,
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "torch_version": str(torch.__version__),
-            **meta,
-        }
-        try:
-            from .._cache import atomic_save
-
-            atomic_save(blob, path)
-        except OSError as exc:
-            warnings.warn(f"pyobc: could not write the model cache {path}: {exc}", RuntimeWarning, stacklevel=2)
-            path = None
+        model, meta = _train_now(config, progress, num_threads)
+        path = _save(model, config, meta, path)
     model.eval()
     info = TrainedInfo(
         name=name,
@@ -308,14 +274,73 @@ def trained(
     return model
 
 
-def _test_loader(image_size: int, channels: int):
-    from .. import datasets
+def _train_now(config: dict, progress: bool | None, num_threads: int | None) -> tuple[nn.Module, dict]:
+    """Build and train the model ``config`` describes with its recipe; returns it and its accuracies and
+    training time. Torch's global RNG, thread count and determinism flags are restored afterwards."""
+    recipe, seed = config["recipe"], config["seed"]
+    image_size, channels = config["image_size"], config["channels"]
+    with _preserved_torch_state():
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        torch.manual_seed(seed)
+        model = _build(config)
+        train_loader = datasets.digits(
+            "train", batch_size=recipe["batch_size"], image_size=image_size, channels=channels, seed=seed
+        )
+        start = time.perf_counter()
+        train(
+            model,
+            train_loader,
+            epochs=recipe["epochs"],
+            lr=recipe["lr"],
+            weight_decay=recipe["weight_decay"],
+            progress=progress,
+            optimizer=recipe["optimizer"],
+            warmup=recipe["warmup"],
+            label_smoothing=recipe["label_smoothing"],
+            augment=RandomShift(recipe["shift"] * (image_size // 8), seed=seed) if recipe["shift"] else None,
+        )
+        seconds = time.perf_counter() - start
+        train_eval = datasets.digits("train", batch_size=256, image_size=image_size, channels=channels, shuffle=False)
+        test = datasets.digits("test", batch_size=256, image_size=image_size, channels=channels)
+        meta = {
+            "test_accuracy": float(evaluate(model, test)),
+            "train_accuracy": float(evaluate(model, train_eval)),
+            "train_seconds": float(seconds),
+        }
+    return model, meta
 
-    return datasets.digits("test", batch_size=256, image_size=image_size, channels=channels)
+
+def _save(model: nn.Module, config: dict, meta: dict, path: Path) -> Path | None:
+    """Write the weights and metadata to the cache file ``path``; returns it, or None (with a warning)
+    when it cannot be written: the model is still usable, it is just trained again next time."""
+    blob = {
+        "format": _FORMAT,
+        "zoo_version": ZOO_VERSION,
+        "config": config,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "torch_version": str(torch.__version__),
+        **meta,
+    }
+    try:
+        atomic_save(blob, path)
+    except OSError as exc:
+        # stacklevel 3: the warning points at the caller of trained()
+        warnings.warn(f"pyobc: could not write the model cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+        return None
+    return path
 
 
 def trained_info(model: nn.Module) -> TrainedInfo:
-    """The :class:`TrainedInfo` attached by :func:`trained` (ValueError if there is none)."""
+    """The :class:`TrainedInfo` attached by :func:`trained` (ValueError if there is none).
+
+    Example:
+        >>> from pyobc import models
+        >>> models.trained_info(models.get("mlp"))
+        Traceback (most recent call last):
+        ...
+        ValueError: model was not returned by pyobc.models.trained()
+    """
     info = getattr(model, "trained_info", None)
     if not isinstance(info, TrainedInfo):
         raise ValueError("model was not returned by pyobc.models.trained()")

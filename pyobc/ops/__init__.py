@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import _registry
-from ._meta import (check_channel_dot, check_csr, check_csr_data, check_csr_reduce,
+from ._checks import (check_channel_dot, check_csr, check_csr_data, check_csr_reduce,
                     check_gather_channels, check_weight_channel_sums)
 
 __all__ = ["channel_dot", "weight_channel_sums", "csr_gather_sum", "csr_gather_reduce",

@@ -1,10 +1,16 @@
 """Autograd formulas of the pyobc operators (registered with torch.library.register_autograd).
 
-Both ops are bilinear, so each input's gradient is the other input times the output gradient
-broadcast back over the reduced dims. The formulas use differentiable torch ops, so double
-backward works too.
+``channel_dot`` and ``weight_channel_sums`` are bilinear: each input's gradient is the other input
+times the output gradient broadcast back over the reduced dims. ``csr_gather_sum`` is linear in its
+values (the gradient is the transposed map) and bilinear in (values, weight); ``csr_gather_reduce``
+routes the gradient to the entries that made each output; ``gather_channels`` scatters it back to the
+kept positions. The formulas use differentiable torch ops, so double backward works too.
 """
 from __future__ import annotations
+
+import torch
+
+from .reference import csr_row_of
 
 
 def channel_dot_setup_context(ctx, inputs, output):
@@ -64,9 +70,6 @@ def _csr_transpose(rowptr, col, num_cols):
     """(rowptr_t, perm, row_of): entries sorted by column (stably), so that
     ``csr_gather_sum(x, rowptr_t, perm)`` sums, per column, the entries ``x[..., k]`` that hit it
     (in the original entry order), and ``row_of[k]`` is the output row of entry ``k``."""
-    import torch
-
-    from ._reference import csr_row_of
     sorted_col, perm = torch.sort(col, stable=True)
     rowptr_t = torch.searchsorted(sorted_col, torch.arange(num_cols + 1, device=col.device))
     return rowptr_t, perm, csr_row_of(rowptr, col.numel())
@@ -79,7 +82,6 @@ def csr_gather_sum_setup_context(ctx, inputs, output):
 
 
 def csr_gather_sum_backward(ctx, grad):
-    import torch
     values, rowptr, col, weight = ctx.saved_tensors
     rowptr_t, perm, row_of = _csr_transpose(rowptr, col, ctx.num_cols)
     grad_values = grad_weight = None
@@ -104,7 +106,6 @@ def csr_gather_reduce_backward(ctx, grad):
     """amax: the gradient is shared evenly among the entries equal to the maximum (as torch.amax
     does); mean_nonzero: every entry of a row gets grad / max(count_nonzero, 1) (the count is a
     step function of the values, treated as a constant); count_nonzero: no gradient."""
-    import torch
     if ctx.reduce == "count_nonzero" or not ctx.needs_input_grad[0]:
         return None, None, None, None
     values, rowptr, col, out = ctx.saved_tensors
@@ -138,7 +139,6 @@ def gather_channels_setup_context(ctx, inputs, output):
 
 
 def gather_channels_backward(ctx, grads):
-    import torch
     indices = ctx.saved_tensors
     out = []
     for (shape, dtype, device, d), idx, g, wants in zip(ctx.meta, indices, grads, ctx.wants):

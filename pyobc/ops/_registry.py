@@ -1,9 +1,10 @@
 """The operator table and the loader of the compiled library.
 
 Adding an operator: its schema line in ``csrc/ops.cpp`` and one :class:`OpSpec` row in ``OPS`` below
-(schema string, reference kernel in ``_reference.py``, fake in ``_meta.py``, autograd formula in
-``_autograd.py`` if it has one), a kernel file per backend under ``csrc/``, and a public wrapper in
-``__init__.py``. Nothing else changes: :func:`install` registers whatever the table lists.
+(schema string, reference kernel in ``reference.py``, fake in ``_fakes.py``, argument checks in ``_checks.py``, autograd formula in
+``_autograd.py`` if it has one), one kernel file per backend named after the op
+(``csrc/cpu/<op>.cpp``, ``csrc/cuda/<op>.cu``, each registering only its op), and a public wrapper
+in ``__init__.py``. Nothing else changes: :func:`install` registers whatever the table lists.
 
 Loading (:func:`install`, run once when ``pyobc.ops`` is imported):
 
@@ -29,7 +30,7 @@ from typing import Callable
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
-from . import _autograd, _meta, _reference
+from . import _autograd, _fakes, reference
 
 NAMESPACE = "pyobc"
 _DEVICE_KEYS = (("cpu", "CPU"), ("cuda", "CUDA"))
@@ -53,16 +54,16 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec(
         name="channel_dot",
         schema="channel_dot(Tensor a, Tensor b, int dim, bool per_sample=False) -> Tensor",
-        reference=_reference.channel_dot,
-        fake=_meta.channel_dot_fake,
+        reference=reference.channel_dot,
+        fake=_fakes.channel_dot_fake,
         setup_context=_autograd.channel_dot_setup_context,
         backward=_autograd.channel_dot_backward,
     ),
     OpSpec(
         name="weight_channel_sums",
         schema="weight_channel_sums(Tensor w, Tensor t, int groups=1) -> (Tensor, Tensor)",
-        reference=_reference.weight_channel_sums,
-        fake=_meta.weight_channel_sums_fake,
+        reference=reference.weight_channel_sums,
+        fake=_fakes.weight_channel_sums_fake,
         setup_context=_autograd.weight_channel_sums_setup_context,
         backward=_autograd.weight_channel_sums_backward,
     ),
@@ -70,24 +71,24 @@ OPS: tuple[OpSpec, ...] = (
         name="csr_gather_sum",
         schema="csr_gather_sum(Tensor values, Tensor rowptr, Tensor col, Tensor? weight=None) "
                "-> Tensor",
-        reference=_reference.csr_gather_sum,
-        fake=_meta.csr_gather_sum_fake,
+        reference=reference.csr_gather_sum,
+        fake=_fakes.csr_gather_sum_fake,
         setup_context=_autograd.csr_gather_sum_setup_context,
         backward=_autograd.csr_gather_sum_backward,
     ),
     OpSpec(
         name="csr_gather_reduce",
         schema="csr_gather_reduce(Tensor values, Tensor rowptr, Tensor col, str reduce) -> Tensor",
-        reference=_reference.csr_gather_reduce,
-        fake=_meta.csr_gather_reduce_fake,
+        reference=reference.csr_gather_reduce,
+        fake=_fakes.csr_gather_reduce_fake,
         setup_context=_autograd.csr_gather_reduce_setup_context,
         backward=_autograd.csr_gather_reduce_backward,
     ),
     OpSpec(
         name="gather_channels",
         schema="gather_channels(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]",
-        reference=_reference.gather_channels,
-        fake=_meta.gather_channels_fake,
+        reference=reference.gather_channels,
+        fake=_fakes.gather_channels_fake,
         setup_context=_autograd.gather_channels_setup_context,
         backward=_autograd.gather_channels_backward,
     ),

@@ -29,7 +29,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ..grouping import preserved_state, unwrap_model
+from ..layers import CONV, LINEAR
+from ..model_state import preserved_state, unwrap_model
+from ..nested import tensors_in
 
 __all__ = ["LayerCost", "trace_costs", "macs_from", "count_params", "count", "tensor_shapes"]
 
@@ -48,13 +50,9 @@ class LayerCost:
 
 
 def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 1
-    if isinstance(inputs, (list, tuple)) and inputs:
-        return _batch_size(inputs[0])
-    if isinstance(inputs, dict) and inputs:
-        return _batch_size(next(iter(inputs.values())))
-    return 1
+    """The leading size of the first tensor in ``inputs`` (1 when there is none, or it is a scalar)."""
+    first = next(iter(tensors_in(inputs)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else 1
 
 
 def trace_costs(model: nn.Module, example_inputs: Any) -> list[LayerCost]:
@@ -96,9 +94,9 @@ def trace_costs(model: nn.Module, example_inputs: Any) -> list[LayerCost]:
         return hook
 
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, CONV):
             handles.append(m.register_forward_hook(conv_hook(name)))
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, LINEAR):
             handles.append(m.register_forward_hook(linear_hook(name)))
         elif isinstance(m, nn.MultiheadAttention):
             handles.append(m.register_forward_hook(attention_hook(name), with_kwargs=True))

@@ -29,41 +29,24 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..grouping import Group, unwrap_model
-from ..scores import Scores, model_signature
-from . import plan as _plan
-from .prune import plan_removal
-from .slicing import RULES, apply_remove, removed_mask
+from ..grouping import Group
+from ..layers import CONV, is_weight_layer
+from ..masking import removed_mask
+from ..model_state import unwrap_model
+from ..scoring.scores import Scores, model_signature
+from . import plan
+from .adapters import OBCAdapted
+from .removal import plan_removal
+from .slicing import RULES, apply_remove
 
 __all__ = ["OBCAdapted", "qualifies", "equivalent_prune", "adapter_parameters", "fold"]
 
 _PENDING = "pyobc_pending_fold"
-_CONV = nn.modules.conv._ConvNd
-
-
-class OBCAdapted(nn.Module):
-    """``post(layer(pre(x)))``: a conv/linear ``layer`` with an optional input map ``pre`` (D) and output
-    map ``post`` (C), both bias-free 1x1 convs or linear layers over the channel dimension."""
-
-    def __init__(self, layer: nn.Module, pre: nn.Module | None = None, post: nn.Module | None = None):
-        super().__init__()
-        self.layer = layer
-        self.pre = pre
-        self.post = post
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.pre is not None:
-            x = self.pre(x)
-        y = self.layer(x, *args, **kwargs)
-        if self.post is not None:
-            y = self.post(y)
-        return y
 
 
 def _plain_layer(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
-        return True
-    return isinstance(m, _CONV) and not m.transposed and m.groups == 1
+    """A linear layer or an ungrouped, non-transposed conv: one weight column block per input channel."""
+    return is_weight_layer(m) and getattr(m, "groups", 1) == 1
 
 
 def _one_to_one(member, size: int) -> bool:
@@ -102,7 +85,7 @@ def _channel_map(like: nn.Module, matrix: torch.Tensor) -> nn.Module:
     """A bias-free map over the channel dim of ``like``'s inputs/outputs with weight ``matrix`` (out x in)."""
     n_out, n_in = matrix.shape
     w = like.weight
-    if isinstance(like, _CONV):
+    if isinstance(like, CONV):
         d = w.dim() - 2
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[d]
         m = conv(n_in, n_out, 1, bias=False)
@@ -151,9 +134,9 @@ def equivalent_prune(model: nn.Module, scores: Scores, ratio: float, *, scope: s
         >>> #     {"params": pyobc.adapter_parameters(adapted), "lr": 0.01, "weight_decay": 0.0}])
         >>> plain = pyobc.fold(adapted)          # a plain VGG, half as wide
     """
-    model, ratio, remove, _ = plan_removal(
-        model, scores, ratio, scope=scope, ignored_layers=ignored_layers, round_to=round_to,
-        max_layer_ratio=max_layer_ratio, target=target, example_inputs=example_inputs)
+    removal = plan_removal(model, scores, ratio, scope=scope, ignored_layers=ignored_layers, round_to=round_to,
+                           max_layer_ratio=max_layer_ratio, target=target, example_inputs=example_inputs)
+    model, remove = removal.model, removal.remove
     groups = list(scores.groups)
     out = model if inplace else copy.deepcopy(model)
     adapted = {g.root: g for g in groups
@@ -163,7 +146,7 @@ def equivalent_prune(model: nn.Module, scores: Scores, ratio: float, *, scope: s
     naive = {r: v for r, v in remove.items() if r not in adapted and v.numel()}
     signature = model_signature(out)
     apply_remove(out, groups, naive)
-    _plan.record(out, signature, groups,
+    plan.record(out, signature, groups,
                  {g.root: (~removed_mask(g, naive.get(g.root, ()))).nonzero().reshape(-1) for g in groups},
                  example_inputs)
     pending_signature = model_signature(out)
@@ -266,6 +249,6 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 _sync("in", layer)
             _set_module(out, name, layer)
     if pending is not None:
-        _plan.record(out, pending["signature"], pending["groups"], pending["keep"], pending["example_inputs"])
+        plan.record(out, pending["signature"], pending["groups"], pending["keep"], pending["example_inputs"])
         delattr(out, _PENDING)
     return out

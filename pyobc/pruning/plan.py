@@ -8,7 +8,7 @@ Every physical prune appends one entry to ``model.pyobc_plan`` (a list, copied w
 * ``example_inputs``: one sample of the inputs the caller gave (or None), to rebuild the groups.
 
 :func:`save` writes ``{"format", "plan", "state_dict"}`` with ``torch.save``; everything in it is a tensor,
-number, string, list or dict, so it loads with ``torch.load(path, weights_only=True)``. :func:`load` replays
+number, string, list, tuple or dict, so it loads with ``torch.load(path, weights_only=True)``. :func:`load` replays
 the plan on a freshly built model of the original architecture: for each entry it rebuilds the groups on the
 model as it is at that point (from the saved or given example inputs; from the saved group records when
 there are none), cuts the same channels with :func:`~pyobc.pruning.slicing.apply_keep`, and finally loads
@@ -16,14 +16,19 @@ the weights.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
-from ..grouping import Group, build_groups, unwrap_model
-from ..scores import model_signature
+from ..grouping import Group, build_groups
+from ..model_state import unwrap_model
+from ..nested import map_tensors
+from ..scoring.scores import model_signature
+from .adapters import OBCAdapted
 from .slicing import apply_keep
 
 __all__ = ["PLAN_ATTR", "record", "plan_of", "save", "load", "replay"]
@@ -38,13 +43,26 @@ def plan_of(model: nn.Module) -> list[dict[str, Any]]:
     return list(getattr(unwrap_model(model), PLAN_ATTR, []))
 
 
-def _one_sample(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x[:1].detach().cpu().clone() if x.dim() else x.detach().cpu().clone()
-    if isinstance(x, (list, tuple)):
-        parts = [_one_sample(v) for v in x]
-        return None if any(p is None for p in parts) else list(parts)
-    return None
+def _loads_back(obj: Any) -> bool:
+    """Whether ``torch.load(weights_only=True)`` reads ``obj`` back: :func:`load` must be able to read
+    every plan that :func:`save` writes, whatever else the caller's inputs held."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+def _one_sample(example_inputs: Any) -> Any:
+    """The first sample of each tensor of ``example_inputs`` (on the CPU, same nesting), to rebuild the groups
+    when the plan is replayed; None when there are no inputs or they would not load back."""
+    if example_inputs is None:
+        return None
+    sample = map_tensors(lambda t: (t[:1] if t.dim() else t).detach().cpu().clone(), example_inputs)
+    return sample if _loads_back(sample) else None
 
 
 def record(model: nn.Module, signature: dict[str, tuple[int, ...]], groups: Sequence[Group],
@@ -65,10 +83,6 @@ def record(model: nn.Module, signature: dict[str, tuple[int, ...]], groups: Sequ
 
 
 def _check_plain(model: nn.Module) -> None:
-    from torch.nn.utils import parametrize
-
-    from .equivalent import OBCAdapted
-
     for name, m in model.named_modules():
         if isinstance(m, OBCAdapted):
             raise ValueError(f"{name!r} still has Equivalent Pruning adapters: call pyobc.fold(model) before saving")
@@ -108,8 +122,8 @@ def replay(model: nn.Module, entry: dict[str, Any], example_inputs: Any = None) 
     groups = stored
     if inputs is not None:
         device = next(iter(model.parameters())).device
-        inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else [t.to(device) for t in inputs]
-        if isinstance(inputs, list):
+        inputs = map_tensors(lambda t: t.to(device), inputs)
+        if isinstance(inputs, list):  # positional arguments (plans written before tuples were kept)
             inputs = tuple(inputs)
         try:
             rebuilt = {g.root: g for g in build_groups(model, inputs)}

@@ -8,10 +8,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from ..grouping import unwrap_model
+from ..api import score
+from ..model_state import unwrap_model
 from .counting import count_params, macs_from, tensor_shapes, trace_costs
-from .prune import _check_common, _is_ignored, _prune, resolve_ignored
+from .ignored import is_ignored, resolve_ignored
+from .removal import perform_removal, plan_removal
 from .report import PruneReport
+from .validation import check_prune_options
 
 __all__ = ["Pruner"]
 
@@ -59,7 +62,7 @@ class Pruner:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if finetune is not None and not callable(finetune):
             raise TypeError("finetune must be a callable finetune(model, step) or None")
-        self.ratio = _check_common(ratio, scope, target, round_to, max_layer_ratio)
+        self.ratio = check_prune_options(ratio, scope, target, round_to, max_layer_ratio)
         self.steps, self.schedule, self.finetune = steps, schedule, finetune
         self.scope, self.target, self.round_to = scope, target, round_to
         self.max_layer_ratio, self.compensate = max_layer_ratio, compensate
@@ -88,7 +91,7 @@ class Pruner:
     def _quantity(self, scores) -> float:
         names = set(self.ignored_layers)
         if self.target == "channels":
-            return float(sum(g.size for g in scores.groups if not _is_ignored(g, names)))
+            return float(sum(g.size for g in scores.groups if not is_ignored(g, names)))
         if self.target == "params":
             return float(count_params(self.model))
         if self.example_inputs is None:
@@ -97,8 +100,6 @@ class Pruner:
 
     def step(self) -> PruneReport:
         """Score the current model, prune it to the next scheduled ratio, fine-tune; returns the report."""
-        from ..scoring.engine import score
-
         if self.step_count >= self.steps:
             raise RuntimeError(f"all {self.steps} steps are done")
         scores = score(self.model, self.loader, self.method, **self.score_kwargs)
@@ -111,10 +112,11 @@ class Pruner:
         step_ratio = min(max(0.0, 1.0 - goal_left / now), 1.0 - 1e-9) if now > 0 else 0.0
         min_keep = {root: max(1, math.ceil((1.0 - self.max_layer_ratio) * size - 1e-9))
                     for root, size in self._original_sizes.items()}
-        self.model, report = _prune(self.model, scores, step_ratio, scope=self.scope,
-                                    ignored_layers=self.ignored_layers, round_to=self.round_to, max_layer_ratio=1.0,
-                                    inplace=True, compensate=self.compensate, target=self.target,
-                                    example_inputs=self.example_inputs, min_keep=min_keep)
+        # max_layer_ratio refers to the original widths: min_keep carries it, so this step's own limit is off
+        removal = plan_removal(self.model, scores, step_ratio, scope=self.scope, ignored_layers=self.ignored_layers,
+                               round_to=self.round_to, max_layer_ratio=1.0, target=self.target,
+                               example_inputs=self.example_inputs, min_keep=min_keep)
+        self.model, report = perform_removal(removal, inplace=True, compensate=self.compensate)
         self.step_count = t
         self.reports.append(report)
         if self.finetune is not None:

@@ -11,7 +11,7 @@ equal widths and channels stay in their heads.
 
 ``N`` (or ``f``) is the smallest value whose *measured* reduction of the target quantity (channels,
 parameters or MACs, computed from the pruned shapes) reaches the requested ratio: a bisection, since every
-step above is monotone.
+step above is monotone; :func:`target_measure` gives that measurement for a model.
 """
 from __future__ import annotations
 
@@ -20,10 +20,16 @@ import warnings
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn as nn
 
 from ..grouping import Group
+from .counting import LayerCost, count_params, macs_from, tensor_shapes
+from .slicing import cuts, shapes_after
 
-__all__ = ["head_of_channel", "choose"]
+__all__ = ["head_of_channel", "target_measure", "choose"]
+
+#: ``measure(removal)``: the target quantity left once ``removal`` (root -> removed root channels) is cut
+Measure = Callable[[Mapping[str, torch.Tensor]], float]
 
 
 def head_of_channel(group: Group) -> torch.Tensor | None:
@@ -54,6 +60,39 @@ def head_of_channel(group: Group) -> torch.Tensor | None:
     return heads
 
 
+def target_measure(model: nn.Module, groups: Sequence[Group], target: str, *, scope: str,
+                   costs: list[LayerCost] | None = None) -> tuple[Measure | None, float]:
+    """``(measure, total)`` for :func:`choose`: how much of ``target`` a removal from ``groups`` leaves, and
+    how much there is now. Parameters and MACs are computed from the shapes the removal would give, without
+    cutting anything; ``costs`` (from :func:`~pyobc.pruning.counting.trace_costs`) are needed for ``"macs"``.
+    The measure is None for ``target="channels"`` with ``scope="local"``, which needs no search.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from pyobc.grouping import build_groups
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> groups = build_groups(net, torch.randn(2, 4))
+        >>> measure, total = target_measure(net, groups, "params", scope="global")
+        >>> total, measure({"0": torch.tensor([0, 1])})
+        (58.0, 44.0)
+    """
+    if target == "channels":
+        total = float(sum(g.size for g in groups))
+        if scope == "local":
+            return None, total
+        return (lambda removal: total - sum(int(r.numel()) for r in removal.values())), total
+    shapes = tensor_shapes(model)
+
+    def after(removal: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return shapes_after(shapes, cuts(model, groups, removal, shapes=shapes)[0])
+
+    if target == "params":
+        params = {n for n, _ in model.named_parameters()}
+        return (lambda removal: float(sum(math.prod(s) for n, s in after(removal).items() if n in params)),
+                float(count_params(model)))
+    return (lambda removal: float(macs_from(costs, after(removal)))), float(macs_from(costs, shapes))
+
+
 def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
@@ -82,7 +121,7 @@ def _pick(values: torch.Tensor, n: int, heads: torch.Tensor | None, divisor: int
 
 def choose(groups: Sequence[Group], values: Sequence[torch.Tensor], ratio: float, *, scope: str,
            round_to: int | None, max_layer_ratio: float,
-           measure: Callable[[dict[str, torch.Tensor]], float] | None,
+           measure: Measure | None,
            total: float, min_keep: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Root -> removed root channels (sorted) such that ``total - measure(removal) >= ratio * total``.
 

@@ -36,12 +36,16 @@ import torch
 import torch.nn as nn
 
 from ..grouping import IN_AXIS, Group, Member, Slice
+from ..layers import BATCH_NORMS, CONV, INSTANCE_NORMS, LINEAR
+from ..masking import removed_mask
+from ..ops import gather_channels
 
-__all__ = ["Rule", "RULES", "rule_for", "find_target", "check_member", "slice_axis", "cuts", "apply_keep", "removed_mask",
-           "owner"]
+__all__ = ["Rule", "RULES", "rule_for", "find_target", "check_member", "slice_axis", "cuts", "shapes_after",
+           "apply_keep", "apply_remove", "owner", "owner_tensor"]
 
 
-def _w(axis: int) -> Callable[[nn.Module], int]:
+def _weight_size(axis: int) -> Callable[[nn.Module], int]:
+    """A function reading a module's weight size along ``axis`` (for the size attributes of :data:`RULES`)."""
     return lambda m: int(m.weight.shape[axis])
 
 
@@ -135,25 +139,22 @@ def _sync_groupnorm(m: nn.GroupNorm, before: Mapping[str, int]) -> None:
     m.num_channels = c
 
 
-_CONV = nn.modules.conv._ConvNd
-_BN = nn.modules.batchnorm._BatchNorm
-_IN = nn.modules.instancenorm._InstanceNorm
-
 #: The single table of module updates per member kind (first matching type wins).
 RULES: tuple[Rule, ...] = (
-    Rule("out", (_CONV,), sync=_set(out_channels=_w(0)), check=_check_conv_out),
-    Rule("out", (nn.Linear,), sync=_set(out_features=_w(0))),
-    Rule("in", (_CONV,), sync=_set(in_channels=lambda m: int(m.weight.shape[1]) * m.groups), check=_check_conv_in),
-    Rule("in", (nn.Linear,), sync=_set(in_features=_w(1))),
-    Rule("depthwise", (_CONV,), sync=_set(out_channels=_w(0), in_channels=_w(0), groups=_w(0)),
+    Rule("out", CONV, sync=_set(out_channels=_weight_size(0)), check=_check_conv_out),
+    Rule("out", LINEAR, sync=_set(out_features=_weight_size(0))),
+    Rule("in", CONV, sync=_set(in_channels=lambda m: int(m.weight.shape[1]) * m.groups), check=_check_conv_in),
+    Rule("in", LINEAR, sync=_set(in_features=_weight_size(1))),
+    Rule("depthwise", CONV, sync=_set(out_channels=_weight_size(0), in_channels=_weight_size(0),
+                                      groups=_weight_size(0)),
          check=_check_depthwise),
-    Rule("norm", (_BN,), buffers=("running_mean", "running_var"), sync=_set(num_features=_w(0))),
-    Rule("norm", (_IN,), buffers=("running_mean", "running_var"), sync=_set(num_features=_w(0))),
+    Rule("norm", BATCH_NORMS, buffers=("running_mean", "running_var"), sync=_set(num_features=_weight_size(0))),
+    Rule("norm", INSTANCE_NORMS, buffers=("running_mean", "running_var"), sync=_set(num_features=_weight_size(0))),
     Rule("norm", (nn.LayerNorm,), sync=_set(normalized_shape=lambda m: (int(m.weight.shape[0]),)),
          check=_check_layernorm),
     Rule("norm", (nn.GroupNorm,), sync=_sync_groupnorm),
-    Rule("prelu", (nn.PReLU,), sync=_set(num_parameters=_w(0))),
-    Rule("embedding", (nn.Embedding,), sync=_set(embedding_dim=_w(1))),
+    Rule("prelu", (nn.PReLU,), sync=_set(num_parameters=_weight_size(0))),
+    Rule("embedding", (nn.Embedding,), sync=_set(embedding_dim=_weight_size(1))),
     Rule("attention", (nn.MultiheadAttention,), sync=_sync_attention),
     Rule("param", (nn.Parameter,)),
 )
@@ -212,16 +213,6 @@ def slice_axis(kind: str, s: Slice, ndim: int) -> int:
     return s.axis % ndim
 
 
-def removed_mask(group: Group, removed: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Boolean mask over the group's root channels, True where removed (IndexError when out of range)."""
-    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1)
-    if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= group.size):
-        raise IndexError(f"group {group.root!r} has {group.size} channels; got indices {removed.tolist()}")
-    mask = torch.zeros(group.size, dtype=torch.bool)
-    mask[removed] = True
-    return mask
-
-
 def cuts(model: nn.Module, groups: Iterable[Group], remove: Mapping[str, torch.Tensor],
          shapes: Mapping[str, tuple[int, ...]] | None = None,
          ) -> tuple[dict[tuple[str, int], torch.Tensor], list[tuple[nn.Module, Rule]]]:
@@ -257,6 +248,7 @@ def cuts(model: nn.Module, groups: Iterable[Group], remove: Mapping[str, torch.T
 
 
 def owner_tensor(model: nn.Module, qualified: str) -> torch.Tensor:
+    """The parameter or buffer named ``qualified`` (KeyError when the model has no such tensor)."""
     mod, attr = owner(model, qualified)
     t = getattr(mod, attr, None)
     if not isinstance(t, torch.Tensor):
@@ -303,8 +295,6 @@ def apply_keep(model: nn.Module, groups: Sequence[Group], keep: Mapping[str, tor
 
 def apply_remove(model: nn.Module, groups: Sequence[Group], remove: Mapping[str, torch.Tensor]) -> None:
     """Cut ``model`` in place: group ``root`` loses the root channels ``remove[root]``."""
-    from ..ops import gather_channels
-
     cut, touched = cuts(model, groups, remove)
     if not cut:
         return

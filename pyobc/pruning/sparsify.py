@@ -21,9 +21,10 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from ..grouping import unwrap_model
-from ..scores import Scores
-from .prune import check_scores
+from ..layers import WEIGHT_LAYERS, is_weight_layer
+from ..model_state import unwrap_model
+from ..scoring.scores import Scores
+from .validation import check_scores
 
 __all__ = ["WeightMask", "sparsify", "remove_masks", "add_biases"]
 
@@ -51,7 +52,7 @@ def _layers(model: nn.Module, names) -> dict[str, nn.Module]:
             layer = model.get_submodule(path)
         except AttributeError:
             raise ValueError(f"the scores name {name!r}, which is not in the model") from None
-        if isinstance(layer, nn.Linear) or (isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed):
+        if is_weight_layer(layer):
             out[name] = layer
     return out
 
@@ -159,7 +160,7 @@ def add_biases(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     out = unwrap_model(model)
     out = out if inplace else copy.deepcopy(out)
     for m in out.modules():
-        if (isinstance(m, nn.Linear) or isinstance(m, nn.modules.conv._ConvNd)) and m.bias is None:
+        if isinstance(m, WEIGHT_LAYERS) and m.bias is None:
             w = m.weight
             channels = w.shape[1] * m.groups if getattr(m, "transposed", False) else w.shape[0]
             m.bias = nn.Parameter(torch.zeros(channels, dtype=w.dtype, device=w.device))

@@ -15,7 +15,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from ..scores import Scores, model_signature
+from ..api import score
+from ..layers import NORMS
+from ..scoring.scores import Scores, model_signature
 
 __all__ = ["TorchPruningImportance"]
 
@@ -60,8 +62,6 @@ class TorchPruningImportance(_Base):
         self._roles: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _score(self, model: nn.Module) -> None:
-        from ..scoring.engine import score
-
         self.scores = score(model, self.loader, self.method, **self.score_kwargs)
         self.scorings += 1
         self._signature = model_signature(model)
@@ -94,7 +94,7 @@ class TorchPruningImportance(_Base):
             return None
         out_fn = dg.is_out_channel_pruning_fn(dep.handler) if dg is not None else True
         kind = "out" if out_fn else "in"
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) or isinstance(layer, (nn.LayerNorm, nn.GroupNorm)):
+        if isinstance(layer, NORMS):
             kind = "norm"
         found = self._roles.get((name, kind))
         if found is None:

@@ -29,25 +29,22 @@ import torch
 import torch.nn as nn
 
 from ..grouping import IN_AXIS, Member
-from .engine import Batch, Context
+from ..layers import CONV, LINEAR, NORMS, WEIGHT_LAYERS, is_weight_layer
+from .context import Batch, Context
 from .layout import Layout
 from .per_sample import channel_dim, supports_activation_rows
 
 __all__ = ["GatedModel", "gate_layout", "linear_modules", "second_order_mode"]
 
-_LINEAR = (nn.Linear, nn.modules.conv._ConvNd)
-_NORM = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-
-
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Conv and linear layers (the ones whose outputs are affine in their own parameters)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _LINEAR) and not getattr(m, "transposed", False)}
+    return {n: m for n, m in model.named_modules() if is_weight_layer(m)}
 
 
 def _channels(module: nn.Module, role: str) -> int:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, LINEAR):
         return module.out_features if role == "out" else module.in_features
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, CONV):
         return module.out_channels if role == "out" else module.in_channels
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
@@ -68,9 +65,9 @@ def _activation_source(modules: Mapping[str, nn.Module], called: set[str]):
 
 def gate_layout(ctx: Context) -> Layout:
     """The layout whose sources are the gates: activation gates where possible, parameter gates else."""
-    if getattr(ctx, "_gate_layout", None) is None:
-        ctx._gate_layout = Layout(ctx.groups, ctx.params, activation=_activation_source(ctx.modules, ctx.called))
-    return ctx._gate_layout
+    if ctx.gate_layout is None:
+        ctx.gate_layout = Layout(ctx.groups, ctx.params, activation=_activation_source(ctx.modules, ctx.called))
+    return ctx.gate_layout
 
 
 def _view_at(vec: torch.Tensor, like: torch.Tensor, dim: int, per_sample: bool) -> torch.Tensor:
@@ -141,7 +138,7 @@ class GatedModel:
         if self.eps_scope == "linear":
             # v = theta on conv/linear weights and biases; also on parameters that are neither norm
             # nor conv/linear (attention projections, embeddings, bare parameters)
-            norm_params = {f"{n}.{k}" if n else k for n, m in ctx.modules.items() if isinstance(m, _NORM)
+            norm_params = {f"{n}.{k}" if n else k for n, m in ctx.modules.items() if isinstance(m, NORMS)
                            for k, _ in m.named_parameters(recurse=False)}
             return set(ctx.params) - norm_params
         if self.eps_scope == "members":
@@ -154,11 +151,11 @@ class GatedModel:
         out: dict[str, str] = {}
         covered: set[str] = set()
         for name, module in self.ctx.modules.items():
-            if not isinstance(module, _LINEAR + _NORM) or getattr(module, "transposed", False):
+            if not isinstance(module, WEIGHT_LAYERS + NORMS) or getattr(module, "transposed", False):
                 continue
             if name not in self.ctx.called:  # e.g. attention's out_proj: its weights are read directly
                 continue
-            if isinstance(module, _NORM) and isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+            if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
                 continue
             own = {k: (f"{name}.{k}" if name else k) for k, _ in module.named_parameters(recurse=False)}
             if not own:
@@ -166,7 +163,7 @@ class GatedModel:
             inside = {k for k, q in own.items() if q in eps_params}
             if inside == set(own):
                 out[name] = "all"
-            elif isinstance(module, _LINEAR) and inside == {"weight"}:
+            elif isinstance(module, WEIGHT_LAYERS) and inside == {"weight"}:
                 out[name] = "weight"
             else:
                 continue

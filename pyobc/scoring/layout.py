@@ -27,7 +27,6 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from .. import ops
-from ..ops import _registry as _ops_registry
 from ..grouping import IN_AXIS, Group, Member
 
 __all__ = ["Layout", "axis_sums"]
@@ -42,6 +41,47 @@ def _norm_axis(axis: int, ndim: int, groups: int) -> tuple[int, int]:
     if axis == 1 and ndim >= 2:
         return IN_AXIS, groups
     return axis, 1
+
+
+def _param_source(group: Group, sl, params: Mapping[str, torch.Tensor]) -> tuple[tuple, int, int]:
+    """(source key, group count, length) of one parameter slice."""
+    if sl.param not in params:
+        raise KeyError(f"group {group.root!r} refers to unknown parameter {sl.param!r}")
+    shape = params[sl.param].shape
+    axis, grp = _norm_axis(sl.axis, len(shape), sl.groups)
+    if len(shape) <= 1:
+        length = shape.numel()
+    elif axis == IN_AXIS:
+        length = shape[1] * grp
+    else:
+        length = shape[axis]
+    return ("param", sl.param, axis), grp, int(length)
+
+
+def _member_sources(groups: Sequence[Group], params: Mapping[str, torch.Tensor],
+                    activation: Callable[[Member], tuple[str, str, int] | None] | None):
+    """The sources the members read, in first-seen order: ``{key: groups}`` (keys
+    ``("param", name, axis)`` or ``("act", module, role)``), ``{key: length}``, and per member the
+    list of ``(key, index, root)`` entries."""
+    source_axes: dict[tuple, int] = {}
+    lengths: dict[tuple, int] = {}
+    plan: list[list[tuple[tuple, torch.Tensor, torch.Tensor]]] = []
+    for g in groups:
+        for m in g.members:
+            act = activation(m) if activation is not None else None
+            if act is not None:
+                key = ("act", act[0], act[1])
+                lengths[key] = int(act[2])
+                source_axes.setdefault(key, 1)
+                plan.append([(key, m.index, m.root)])
+                continue
+            entries = []
+            for sl in m.slices:
+                key, grp, lengths[key] = _param_source(g, sl, params)
+                source_axes[key] = grp
+                entries.append((key, sl.index, sl.root))
+            plan.append(entries)
+    return source_axes, lengths, plan
 
 
 def axis_sums(a: torch.Tensor, b: torch.Tensor, axes: Sequence[int], groups: int = 1) -> dict[int, torch.Tensor]:
@@ -92,45 +132,21 @@ class Layout:
         from an activation-space source (role ``"out"`` or ``"in"`` of the module, ``channels`` long,
         indexed by ``member.index``) instead of its parameter slices."""
         self.groups = list(groups)
-        # sources, in first-seen order: ("param", name, axis) -> groups, ("act", module, role) -> channels
-        keys: dict[tuple, int] = {}
-        lengths: dict[tuple, int] = {}
-        plan: list[list[tuple[tuple, torch.Tensor, torch.Tensor]]] = []  # per member: (key, index, root)
-        for g in self.groups:
-            for m in g.members:
-                act = activation(m) if activation is not None else None
-                entries = []
-                if act is not None:
-                    key = ("act", act[0], act[1])
-                    lengths[key] = int(act[2])
-                    keys.setdefault(key, 1)
-                    entries.append((key, m.index, m.root))
-                else:
-                    for sl in m.slices:
-                        if sl.param not in params:
-                            raise KeyError(f"group {g.root!r} refers to unknown parameter {sl.param!r}")
-                        shape = params[sl.param].shape
-                        axis, grp = _norm_axis(sl.axis, len(shape), sl.groups)
-                        key = ("param", sl.param, axis)
-                        keys[key] = grp
-                        if len(shape) <= 1:
-                            lengths[key] = shape.numel()
-                        elif axis == IN_AXIS:
-                            lengths[key] = shape[1] * grp
-                        else:
-                            lengths[key] = shape[axis]
-                        entries.append((key, sl.index, sl.root))
-                plan.append(entries)
-        self.source_keys: list[tuple] = list(keys)
-        self.source_groups: dict[tuple, int] = {k: v for k, v in keys.items() if k[0] == "param"}
+        source_axes, lengths, plan = _member_sources(self.groups, params, activation)
+        self.source_keys: list[tuple] = list(source_axes)
+        self.source_groups: dict[tuple, int] = {k: v for k, v in source_axes.items() if k[0] == "param"}
+        self.source_lengths = lengths
         self.source_offsets: dict[tuple, int] = {}
         n = 0
         for key in self.source_keys:
             self.source_offsets[key] = n
             n += int(lengths[key])
-        self.source_lengths = lengths
         self.num_sources = n
+        self._build_maps(plan)
+        self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
+    def _build_maps(self, plan: list[list[tuple[tuple, torch.Tensor, torch.Tensor]]]) -> None:
+        """The entry lists and CSR matrices of both levels, from each member's (source, index, root)."""
         src, dst, member_group = [], [], []
         self.member_offsets: list[list[int]] = []
         self.group_offsets: list[int] = []
@@ -139,7 +155,7 @@ class Layout:
         for g in self.groups:
             self.group_offsets.append(goff)
             offs = []
-            for m in g.members:
+            for _ in g.members:
                 offs.append(moff)
                 for key, index, root in next(it):
                     src.append(self.source_offsets[key] + index)
@@ -162,7 +178,6 @@ class Layout:
         self.member_rowptr, self.member_col = _csr(self.dst, self.src, self.num_members)
         self.group_rowptr, self.group_col = _csr(
             self.member_group, torch.arange(self.num_members), self.num_channels)
-        self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     # -- index tensors on the data's device ----------------------------------------------------------
     def _maps(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -295,29 +310,22 @@ def _use_ops(x: torch.Tensor) -> bool:
             and _forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active())
 
 
-def _no_check() -> None:
-    return None
-
-
 def _csr_sum(values, rowptr, col):
-    return _ops_registry.call(torch.ops.pyobc.csr_gather_sum.default, (values, rowptr, col, None),
-                              (values,), _no_check)
+    return ops.csr_gather_sum(values, rowptr, col, check=False)
 
 
 def _csr_amax(values, rowptr, col):
-    return _ops_registry.call(torch.ops.pyobc.csr_gather_reduce.default,
-                              (values, rowptr, col, "amax"), (values,), _no_check)
+    return ops.csr_gather_reduce(values, rowptr, col, "amax", check=False)
 
 
 def _csr_mean_nonzero(values, rowptr, col):
-    return _ops_registry.call(torch.ops.pyobc.csr_gather_reduce.default,
-                              (values, rowptr, col, "mean_nonzero"), (values,), _no_check)
+    return ops.csr_gather_reduce(values, rowptr, col, "mean_nonzero", check=False)
 
 
 def _csr_call(fn, values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """``fn`` on ``(S,)`` / ``(R, S)`` input directly; other leading shapes are flattened to rows.
-    (The maps are valid by construction, so the ops are called without the public wrappers' checks,
-    and below autograd when no gradient can flow.)"""
+    (The maps are valid by construction: ``check=False`` skips the index-data check, a device sync
+    on CUDA.)"""
     if values.dim() <= 2:
         return fn(values, rowptr, col)
     lead = values.shape[:-1]

@@ -20,15 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..layers import BATCH_NORMS, CONV, NORMS, STATISTICS_NORMS, is_weight_layer
 from .capture import Record
 
 __all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows", "MEMORY_BUDGET"]
 
 #: bytes of per-sample gradients materialised at once; larger batches are processed in chunks
 MEMORY_BUDGET = 256 * 2**20
-
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
-
 
 def channel_dim(module: nn.Module) -> int:
     """The channel axis of a layer's activations (1 for conv/batch/group norm, -1 for linear/layer norm)."""
@@ -48,7 +46,7 @@ def _chunks(n: int, per_sample_bytes: int) -> list[slice]:
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _conv_weight_grads(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _conv_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients of a zero-padded conv: the samples become extra groups."""
     n = x.shape[0]
     fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}[x.dim() - 2]
@@ -59,14 +57,14 @@ def _conv_weight_grads(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torc
 
 
 def _closed_form_ok(module: nn.Module) -> bool:
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, CONV):
         return (not module.transposed and module.padding_mode == "zeros" and not isinstance(module.padding, str))
-    return isinstance(module, (nn.Linear, nn.LayerNorm) + _NORMS)
+    return isinstance(module, (nn.Linear, nn.LayerNorm) + STATISTICS_NORMS)
 
 
 def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x-hat of a norm layer (its output before the affine transform), as computed in eval mode."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, BATCH_NORMS):
         use_running = module.running_mean is not None and not module.training
         return F.batch_norm(x, module.running_mean if use_running else None,
                             module.running_var if use_running else None, None, None,
@@ -97,7 +95,7 @@ def _closed_form_grads(module: nn.Module, rec: Record, g: torch.Tensor, sl: slic
         out["weight"] = torch.bmm(g2.transpose(1, 2), x2)
         if module.bias is not None:
             out["bias"] = g2.sum(1)
-    elif isinstance(module, nn.modules.conv._ConvNd):
+    elif isinstance(module, CONV):
         out["weight"] = _conv_weight_grads(module, x, g)
         if module.bias is not None:
             out["bias"] = g.reshape(g.shape[0], g.shape[1], -1).sum(-1)
@@ -222,9 +220,8 @@ def activation_rows(kind: str, module: nn.Module, rec: Record, g: torch.Tensor,
 def supports_activation_rows(kind: str, module: nn.Module) -> bool:
     """Whether :func:`activation_rows` covers this member (otherwise use per-sample gradients)."""
     if kind in ("out", "depthwise", "in"):
-        return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not (
-            isinstance(module, nn.modules.conv._ConvNd) and module.transposed)
+        return is_weight_layer(module)
     if kind == "norm":
-        return isinstance(module, (nn.LayerNorm,) + _NORMS) and (
+        return isinstance(module, NORMS) and (
             not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) == 1)
     return False

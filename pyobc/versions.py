@@ -1,10 +1,19 @@
-"""``pyobc.info()``: versions, which backend serves each op, and the available criteria."""
+"""``pyobc.info()``: versions, which backend serves each op, and the available criteria.
+
+(The module is named ``versions`` so that it cannot shadow the function ``pyobc.info``.)
+"""
 from __future__ import annotations
 
 import platform
+from importlib.metadata import version
 from typing import Any
 
 import torch
+
+import pyobc
+
+from . import ops
+from .criteria import methods
 
 __all__ = ["info", "format_info"]
 
@@ -14,17 +23,12 @@ def info() -> dict[str, Any]:
 
     Example:
         >>> import pyobc
-        >>> sorted(pyobc.info())
+        >>> info = pyobc.info
+        >>> sorted(info())
         ['criteria', 'cuda_available', 'ops', 'pyobc', 'python', 'torch', 'torch_pruning']
     """
-    import pyobc
-    from . import ops
-    from .criteria import methods
-
     try:
-        from importlib.metadata import version
-
-        import torch_pruning  # noqa: F401 - importable is what matters
+        import torch_pruning  # noqa: F401 - importable is what matters (so imported here, where failing is reported)
         tp_version = version("torch-pruning")  # its __version__ attribute lags the release
     except Exception as e:  # noqa: BLE001 - reported, not raised
         tp_version = f"not importable: {e}"
@@ -40,7 +44,13 @@ def info() -> dict[str, Any]:
 
 
 def format_info(data: dict[str, Any] | None = None) -> str:
-    """:func:`info` as readable text."""
+    """:func:`info` as readable text.
+
+    Example:
+        >>> from pyobc.versions import format_info
+        >>> format_info().startswith("pyobc ")
+        True
+    """
     data = info() if data is None else data
     lines = [f"pyobc {data['pyobc']}  (python {data['python']}, torch {data['torch']}, "
              f"torch-pruning {data['torch_pruning']}, cuda available: {data['cuda_available']})", ""]

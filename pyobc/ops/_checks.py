@@ -1,8 +1,8 @@
-"""Argument checks and fake (meta) implementations of the pyobc operators.
+"""Argument checks of the pyobc operators.
 
-The checks raise ``TypeError`` for type/dtype problems and ``ValueError`` for shape/dim/device
-problems, naming the offending argument. They are shared by the public wrappers, the fake kernels
-(used by ``torch.compile``/FakeTensor tracing) and the pure-PyTorch reference kernels, so every path
+They raise ``TypeError`` for type/dtype problems and ``ValueError`` for shape/dim/device
+problems, naming the offending argument. They are shared by the public wrappers, the fake kernels (:mod:`._fakes`,
+used by ``torch.compile``/FakeTensor tracing) and the pure-PyTorch reference kernels, so every path
 rejects the same inputs with the same message. The compiled kernels repeat them in C++
 (``csrc/common.h``) for direct ``torch.ops.pyobc.*`` calls.
 """
@@ -95,20 +95,7 @@ def check_weight_channel_sums(w, t, groups) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# fake kernels: output metadata only (registered with torch.library.register_fake)
 # --------------------------------------------------------------------------------------------
-
-def channel_dot_fake(a, b, dim, per_sample=False):
-    dim = check_channel_dot(a, b, dim, per_sample)
-    shape = (a.shape[0], a.shape[dim]) if per_sample else (a.shape[dim],)
-    return a.new_empty(shape, dtype=result_dtype(a.dtype))
-
-
-def weight_channel_sums_fake(w, t, groups=1):
-    groups = check_weight_channel_sums(w, t, groups)
-    dtype = result_dtype(w.dtype)
-    return (w.new_empty((w.shape[0],), dtype=dtype),
-            w.new_empty((groups * w.shape[1],), dtype=dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,21 +246,3 @@ def check_gather_indices_data(tensors, dims, indices) -> None:
                                    f"min {lo}, max {hi}")
 
 
-def csr_gather_sum_fake(values, rowptr, col, weight=None):
-    check_csr("csr_gather_sum", values, rowptr, col, weight)
-    return values.new_empty(values.shape[:-1] + (rowptr.shape[0] - 1,))
-
-
-def csr_gather_reduce_fake(values, rowptr, col, reduce):
-    check_csr_reduce(values, rowptr, col, reduce)
-    return values.new_empty(values.shape[:-1] + (rowptr.shape[0] - 1,))
-
-
-def gather_channels_fake(tensors, dims, indices):
-    dims = check_gather_channels(tensors, dims, indices)
-    out = []
-    for t, d, idx in zip(tensors, dims, indices):
-        shape = list(t.shape)
-        shape[d] = idx.shape[0]
-        out.append(t.new_empty(shape))  # contiguous
-    return out

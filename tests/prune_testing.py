@@ -1,10 +1,12 @@
-"""Shared helpers of the pruning tests (small zoo models, consistency checks); no tests of its own."""
+"""Shared helpers of the pruning tests (small zoo models, consistency checks); no tests of its own, so it is
+not named ``test_*`` (pytest would collect it as a test module)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 import pyobc
+from pyobc.layers import BATCH_NORMS, CONV
 
 #: name -> builder kwargs: small widths, 8x8 single-channel inputs
 ZOO = {
@@ -26,7 +28,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
     model = pyobc.models.get(name, in_channels=1, input_size=8, **ZOO[name]).eval()
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(m, BATCH_NORMS):
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.normal_()
@@ -50,7 +52,7 @@ def inputs(n: int = 2, seed: int = 1) -> torch.Tensor:
 def assert_consistent(model: nn.Module) -> None:
     """Every module's size attributes agree with its (pruned) parameters and buffers."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, CONV):
             assert m.out_channels == m.weight.shape[0], name
             assert m.in_channels == m.weight.shape[1] * m.groups, name
             if m.bias is not None:
@@ -59,7 +61,7 @@ def assert_consistent(model: nn.Module) -> None:
             assert (m.out_features, m.in_features) == tuple(m.weight.shape), name
             if m.bias is not None:
                 assert m.bias.shape[0] == m.out_features, name
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, BATCH_NORMS):
             assert m.num_features == m.weight.shape[0] == m.running_mean.shape[0] == m.running_var.shape[0], name
         elif isinstance(m, nn.LayerNorm):
             assert tuple(m.normalized_shape) == tuple(m.weight.shape), name

@@ -1,7 +1,8 @@
 """Pure-PyTorch reference implementations of the pyobc operators.
 
 They serve every device when the compiled library is absent (and CUDA when the library was built
-without CUDA kernels), and they are the tests' second opinion. They follow the compiled kernels'
+without CUDA kernels), and they are the tests' and benchmarks' second opinion (public for that reason:
+``pyobc.ops.reference.channel_dot(...)``). They follow the compiled kernels'
 output dtypes (float64 for float64 input, float32 otherwise), accumulate in float64 for
 float32/float64 input and float32 for float16/bfloat16 (at least as precise as the compiled
 kernels), and, unlike them, create full-size temporaries.
@@ -12,9 +13,8 @@ import math
 
 import torch
 
-from ._meta import (accumulate_dtype, check_channel_dot, check_csr, check_csr_data,
-                    check_csr_reduce, check_gather_channels, check_gather_indices_data,
-                    check_weight_channel_sums, result_dtype)
+from ._checks import (accumulate_dtype, check_channel_dot, check_csr, check_csr_data, check_csr_reduce,
+                      check_gather_channels, check_gather_indices_data, check_weight_channel_sums, result_dtype)
 
 
 def channel_dot(a: torch.Tensor, b: torch.Tensor, dim: int, per_sample: bool = False):

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .grouping import Group
+from ..grouping import Group
 
 __all__ = ["Scores", "model_signature"]
 

@@ -1,0 +1,83 @@
+"""The public scoring entry point, :func:`score`: a method name to a criterion, run by the engine.
+
+It sits above both :mod:`pyobc.criteria` (which it looks the name up in) and :mod:`pyobc.scoring` (which
+runs the criterion), so that neither of those has to import the other: the layers point one way,
+ops -> scoring -> criteria -> api -> pruning -> cli.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .criteria import get_method
+from .distributed import Coordinator
+from .scoring import engine
+from .scoring.context import LossFn
+from .scoring.scores import Scores
+
+__all__ = ["score"]
+
+
+def score(
+    model: nn.Module,
+    loader: Iterable | None,
+    method: str = "jacobian",
+    *,
+    loss_fn: LossFn | None = None,
+    example_inputs: Any = None,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+    granularity: str = "channel",
+    progress: bool | None = None,
+    ignored_layers: Sequence[nn.Module | str] = (),
+    distributed: Any = None,
+    **options: Any,
+) -> Scores:
+    """Score every prunable channel group of ``model`` with a criterion; higher = more important.
+
+    Args:
+        model: any ``nn.Module`` (DDP / ``torch.compile`` wrappers are looked through). It is not
+            changed: its train/eval flags, parameters and ``.grad`` are the same afterwards. Scoring runs
+            it in eval mode (BatchNorm uses its running statistics, dropout is off).
+        loader: iterable of batches; ``(inputs, targets)`` pairs unless ``loss_fn`` is given. Data-free
+            criteria (``magnitude``) accept ``None`` with ``example_inputs``.
+        method: a name from :func:`pyobc.methods` (``jacobian`` by default).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for other batch shapes; it must be the *mean* over
+            the batch's samples (per-sample criteria rely on it). Default: cross-entropy.
+        example_inputs: inputs for tracing the coupled layers; default: the first batch's inputs.
+        max_batches: stop after this many batches.
+        device: score on this device: batches are moved there, and if the model lives elsewhere a copy
+            of it is moved there (the original is untouched). Default: the model's device, with an
+            error if a batch lives elsewhere.
+        granularity: ``"channel"`` (groups) or ``"weight"`` (per-parameter scores, for the criteria that
+            define them; see :meth:`Scores.by_parameter`).
+        progress: tqdm progress bar over batches; default on only when stderr is a terminal.
+        ignored_layers: modules (or names) whose out-channels must not be pruned.
+        distributed: data-parallel scoring (see ``docs/distributed.md``). ``None`` (default): when
+            ``torch.distributed`` is initialised with more than one process, each rank scores its own
+            loader (its shard, e.g. :func:`pyobc.distributed.sharded_loader`) and the accumulators are
+            summed across ranks, so every rank returns the same scores; any error or mismatched
+            configuration on one rank raises on every rank. ``False``: score this rank's loader alone,
+            with no communication. ``True``: like ``None`` but require an initialised process group. A
+            ``ProcessGroup``: combine over that group.
+        **options: criterion options (see ``pyobc.methods()[name]``).
+
+    Example:
+        >>> import pyobc
+        >>> model = pyobc.models.resnet20(num_classes=10, in_channels=1, input_size=16)
+        >>> loader = pyobc.datasets.digits("train", batch_size=64, image_size=16, channels=1)
+        >>> scores = pyobc.score(model, loader, "jacobian", max_batches=2)   # doctest: +SKIP
+        >>> scores.by_module()["conv1"].shape                                   # doctest: +SKIP
+        torch.Size([16])
+    """
+    coordinator = Coordinator(distributed)
+    try:
+        return engine.run(get_method(method), model, loader, coordinator=coordinator, loss_fn=loss_fn,
+                          example_inputs=example_inputs, max_batches=max_batches, device=device,
+                          granularity=granularity, progress=progress, ignored_layers=ignored_layers,
+                          options=options)
+    except Exception as exc:
+        coordinator.fail(exc)  # data-parallel: the other ranks raise too instead of waiting in a collective
+        raise

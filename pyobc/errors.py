@@ -1,0 +1,40 @@
+"""The exception types pyobc raises on purpose, in one leaf module every layer can import.
+
+Most user mistakes are the standard ``TypeError`` / ``ValueError``; the classes here exist where a
+caller may want to catch one situation specifically. The data-parallel ones are raised by every rank
+together (see :mod:`pyobc.distributed`), but they are defined here because the scoring engine raises
+them too and must not depend on the distributed module's internals.
+
+Example:
+    >>> import pyobc, torch
+    >>> from pyobc.errors import EmptyLoaderError
+    >>> try:
+    ...     pyobc.score(torch.nn.Linear(2, 2), [], "jacobian")
+    ... except EmptyLoaderError as e:
+    ...     print(e)
+    the loader yielded no batches
+"""
+from __future__ import annotations
+
+__all__ = ["EmptyLoaderError", "DistributedScoringError", "ConfigMismatchError", "EmptyShardError",
+           "PeerFailedError"]
+
+
+class EmptyLoaderError(ValueError):
+    """Raised by :func:`pyobc.score` when the loader yields no batches (in any mode)."""
+
+
+class DistributedScoringError(RuntimeError):
+    """Base class of the errors that every rank raises together in data-parallel scoring."""
+
+
+class ConfigMismatchError(DistributedScoringError, ValueError):
+    """The ranks disagree on what they score (method, options, model, weights...); same message on every rank."""
+
+
+class EmptyShardError(DistributedScoringError, ValueError):
+    """Some rank's loader yielded no batches; same message on every rank."""
+
+
+class PeerFailedError(DistributedScoringError):
+    """Another rank failed before the ranks combined their accumulators (that rank raises its own error)."""

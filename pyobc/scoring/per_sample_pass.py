@@ -1,0 +1,171 @@
+"""One recorded forward pass per batch and the per-sample quantities that follow from it.
+
+:class:`PerSamplePass` runs the loss once while recording the layers it needs, then serves squared
+per-sample gradient sums (OBD's diagonal Fisher), per-sample gradients, and per-sample Jacobian rows of
+every group member (Optimal Brain Connection's ``rows="sample"``, SOSP) through the closed forms of
+:mod:`pyobc.scoring.per_sample`, without a Python loop over samples.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..grouping import IN_AXIS
+from .capture import Record
+from .context import Batch, Context
+from .per_sample import activation_rows, per_sample_grads, sq_grad_sums, supports_activation_rows
+
+__all__ = ["PerSamplePass", "axis_rows"]
+
+
+def _owner_candidates(param: str) -> list[str]:
+    """Owner module of ``param`` and its ancestors, nearest first (the root model is '')."""
+    parts = param.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+class PerSamplePass:
+    """One forward pass recording the layers per-sample criteria need, and what follows from it.
+
+    ``params`` are the qualified parameter names whose per-sample gradients may be asked for. Each is
+    served by the nearest module that was called (its owner, else an ancestor; the model itself for
+    bare parameters) — closed forms for linear/conv/norm layers, a vmap of that module otherwise.
+
+    Example (inside a criterion's ``update``)::
+
+        sp = PerSamplePass(self.ctx, batch, params=self.ctx.member_params())
+        fisher = sp.sq_grad_sums()          # {param: sum_n grad_n^2}
+        rows = sp.member_rows()             # (N, members) Jacobian rows of single samples
+    """
+
+    def __init__(self, ctx: Context, batch: Batch, params: list[str], rows: bool = False):
+        self.ctx = ctx
+        self.batch = batch
+        self.params = list(params)
+        self._row_members = []
+        fallback: list[str] = []  # parameters of members whose rows need per-sample gradients
+        watch: dict[str, nn.Module] = {}
+        if rows:
+            for gi, g in enumerate(ctx.groups):
+                for mi, m in enumerate(g.members):
+                    module = ctx.modules.get(m.module)
+                    if module is not None and m.module in ctx.called and supports_activation_rows(m.kind, module):
+                        watch[m.module] = module
+                        self._row_members.append((gi, mi, m, module))
+                    else:
+                        fallback.extend(s.param for s in m.slices)
+        # watch only the module that will serve each parameter (the nearest one that runs)
+        for p in dict.fromkeys(self.params + fallback):
+            cands = _owner_candidates(p)
+            name = next((c for c in cands if c in ctx.called), cands[-1])
+            watch[name] = ctx.modules[name]
+        self.loss, self.capture = ctx.capture_forward(batch, watch)
+        self.scale = float(batch.size)  # mean-loss gradient -> per-sample-loss gradient
+        outs = self.capture.outputs()
+        # rows need the graph again (input gradients through single layers, per-sample fallbacks)
+        grads = torch.autograd.grad(self.loss, [y for _, _, y in outs], allow_unused=True, retain_graph=rows)
+        self.grad_out: dict[tuple[str, int], torch.Tensor | None] = {
+            (name, k): g for (name, k, _), g in zip(outs, grads)}
+
+    def _serving_module(self, param: str) -> tuple[str, str]:
+        """(module name, parameter name local to it) of the nearest called module owning ``param``."""
+        for name in _owner_candidates(param):
+            if self.capture.records.get(name):
+                local = param[len(name) + 1:] if name else param
+                return name, local
+        raise RuntimeError(f"no module owning parameter {param!r} was called in the forward pass")
+
+    def _calls(self, name: str) -> list[tuple[Record, list]]:
+        return [(r, [self.grad_out.get((name, k))]) for k, r in enumerate(self.capture.records[name])]
+
+    def _by_module(self, params: list[str]) -> dict[str, list[tuple[str, str]]]:
+        served: dict[str, list[tuple[str, str]]] = {}
+        for p in params:
+            name, local = self._serving_module(p)
+            served.setdefault(name, []).append((p, local))
+        return served
+
+    def sq_grad_sums(self) -> dict[str, torch.Tensor]:
+        """``sum_n (grad of sample n's loss)^2`` for every parameter in ``params``."""
+        out: dict[str, torch.Tensor] = {}
+        for name, pairs in self._by_module(self.params).items():
+            module = self.ctx.modules[name]
+            res = sq_grad_sums(module, self._calls(name), self.scale, only={loc for _, loc in pairs})
+            for p, local in pairs:
+                out[p] = res[local] if local in res else torch.zeros_like(self.ctx.params[p])
+        return out
+
+    def grads(self, sl: slice | None = None, params: list[str] | None = None,
+              scale: float | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample gradients ``(n, *shape)`` of the sample losses for ``params`` (default: those given
+        at construction), multiplied by ``scale`` (default: the batch size, turning gradients of the mean
+        loss into gradients of each sample's loss)."""
+        params = self.params if params is None else params
+        scale = self.scale if scale is None else scale
+        out: dict[str, torch.Tensor] = {}
+        for name, pairs in self._by_module(params).items():
+            module = self.ctx.modules[name]
+            only = {loc for _, loc in pairs}
+            acc: dict[str, torch.Tensor] = {}
+            for rec, g in self._calls(name):
+                for k, v in per_sample_grads(module, rec, g, scale, sl, only=only).items():
+                    acc[k] = acc[k] + v if k in acc else v
+            for p, local in pairs:
+                out[p] = acc[local]
+        return out
+
+    def member_rows(self) -> torch.Tensor:
+        """``(N, members)`` rows: per sample, ``<grad of the sample's loss, member's channel weights>``.
+
+        Conv/linear/norm members come from activations (no per-sample gradient is formed); other members
+        (attention, bare parameters...) from per-sample gradients of their parameters.
+        """
+        ctx, layout = self.ctx, self.ctx.layout
+        n = self.batch.size
+        rows = torch.zeros(n, layout.num_members, device=ctx.device, dtype=torch.float64
+                           if any(p.dtype == torch.float64 for p in ctx.params.values()) else torch.float32)
+        covered = set()
+        for gi, mi, m, module in self._row_members:
+            covered.add((gi, mi))
+            total = None
+            for k, rec in enumerate(self.capture.records[m.module]):
+                g = self.grad_out.get((m.module, k))
+                if g is None:
+                    continue
+                r = activation_rows(m.kind, module, rec, g,
+                                    input_grad=lambda rec=rec, g=g: torch.autograd.grad(
+                                        rec.y, rec.x, g, retain_graph=True)[0])
+                total = r if total is None else total + r
+            if total is None:
+                continue
+            off = layout.member_offsets[gi][mi]
+            rows.index_add_(1, (off + m.root).to(ctx.device), total.index_select(1, m.index.to(ctx.device)).to(rows.dtype))
+        rest = [(gi, mi, m) for gi, g in enumerate(ctx.groups) for mi, m in enumerate(g.members)
+                if (gi, mi) not in covered]
+        if rest:
+            needed = sorted({s.param for _, _, m in rest for s in m.slices})
+            # unscaled: the per-sample scale is applied once, at the end
+            grads = self.grads(params=needed, scale=1.0)
+            theta = ctx.theta
+            for gi, mi, m in rest:
+                off = layout.member_offsets[gi][mi]
+                for s in m.slices:
+                    sums = axis_rows(grads[s.param], s.axis, s.groups, theta[s.param])
+                    rows.index_add_(1, (off + s.root).to(ctx.device),
+                                    sums.index_select(1, s.index.to(ctx.device)).to(rows.dtype))
+        return rows * self.scale
+
+
+def axis_rows(grads: torch.Tensor, axis: int, groups: int, theta: torch.Tensor) -> torch.Tensor:
+    """Per-sample sums of ``grads * theta`` (``grads``: ``(N, *theta.shape)``) for each index of ``axis``
+    (:data:`~pyobc.grouping.IN_AXIS`: the group-expanded input channels of a conv/linear weight)."""
+    prod = grads * theta.unsqueeze(0)
+    n = prod.shape[0]
+    if theta.dim() <= 1:
+        return prod.reshape(n, -1)
+    if axis == IN_AXIS or axis == 1:
+        o, i = theta.shape[0], theta.shape[1]
+        return prod.reshape(n, groups, o // groups, i, -1).sum((2, 4)).reshape(n, groups * i)
+    axis = axis % theta.dim()
+    dims = [d for d in range(1, prod.dim()) if d != axis + 1]
+    return prod.sum(dims)
