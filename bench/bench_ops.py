@@ -87,6 +87,21 @@ def cases(device="cpu"):
                     lambda a, b: (a * b).sum(dims))
         return build
 
+    def scale(shape, backward=False):
+        """channel_scale vs the broadcast multiply; with backward, the gated product's gradients:
+        (g * s, sum of g * x per channel) as (channel_scale, channel_dot) vs eager mul and sum."""
+        def build():
+            x, g = _act(shape, device=device)
+            s = torch.randn(shape[1], generator=torch.Generator().manual_seed(2)).to(device)
+            view = (1, -1) + (1,) * (len(shape) - 2)
+            dims = tuple(d for d in range(len(shape)) if d != 1)
+            if backward:
+                return ((x, g, s),
+                        lambda x, g, s: (ops.channel_scale(g, s, 1), ops.channel_dot(g, x, 1)),
+                        lambda x, g, s: (g * s.view(view), (g * x).sum(dims)))
+            return ((x, s), lambda x, s: ops.channel_scale(x, s, 1), lambda x, s: x * s.view(view))
+        return build
+
     def weights(shape, groups):
         def build():
             w, t = _act(shape, device=device)
@@ -136,6 +151,8 @@ def cases(device="cpu"):
         "tokens 64x197x192 dim=-1": act((64, 197, 192), -1, False),
         "tokens 64x197x192 dim=-1 per_sample": act((64, 197, 192), -1, True),
         "act small 8x16x8x8 dim=1": act((8, 16, 8, 8), 1, False),
+        "channel_scale act 64x64x32x32 dim=1": scale((64, 64, 32, 32)),
+        "channel_scale act 64x64x32x32 gate gradients (scale + dot)": scale((64, 64, 32, 32), True),
         "weight 512x256x3x3 groups=1": weights((512, 256, 3, 3), 1),
         "weight 512x256x3x3 groups=4": weights((512, 256, 3, 3), 4),
         "weight 512x1x3x3 depthwise": weights((512, 1, 3, 3), 512),

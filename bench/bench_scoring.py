@@ -10,8 +10,9 @@ Run:
     python bench/bench_scoring.py --models resnet20 --methods jacobian obd --batch 64
     python bench/bench_scoring.py --memory              # also the memory ratios (slower)
 
-Targets (issues #2 and #3): jacobian <= 1.3x, obd <= 2x, oba / oba-full / sosp-h <= 3x with the
-ResNet-56 ratio within 20% of ResNet-20's; peak memory <= 2x.
+Targets (issue #15, at 1 and at 2 threads): jacobian and taylor <= 1.1x, obd <= 1.5x, oba / oba-full /
+sosp-h <= 2.5x, flat in depth (the ResNet-56 ratio within 20% of ResNet-20's); peak memory <= 2x.
+``OMP_NUM_THREADS=1 python bench/bench_scoring.py`` for the 1-thread figures.
 """
 from __future__ import annotations
 

@@ -233,6 +233,35 @@ inline int64_t check_channel_dot_args(const Tensor& a, const Tensor& b, int64_t 
   return dim;
 }
 
+// Normalises and checks the arguments of channel_scale; returns the normalised dim.
+inline int64_t check_channel_scale_args(const Tensor& x, const Tensor& scale, int64_t dim,
+                                        bool per_sample) {
+  STD_TORCH_CHECK(x.layout() == torch::headeronly::Layout::Strided &&
+                      scale.layout() == torch::headeronly::Layout::Strided,
+                  "channel_scale: x and scale must be strided (dense) tensors");
+  const ScalarType t = x.scalar_type();
+  STD_TORCH_CHECK(is_supported_float(t),
+                  "channel_scale: x must be float32, float64, float16 or bfloat16, got ", dtype_name(t));
+  STD_TORCH_CHECK(scale.scalar_type() == t, "channel_scale: x and scale must have the same dtype, got ",
+                  dtype_name(t), " and ", dtype_name(scale.scalar_type()));
+  STD_TORCH_CHECK(x.device() == scale.device(), "channel_scale: x and scale must be on the same device");
+  const int64_t nd = x.dim();
+  STD_TORCH_CHECK(nd >= 1 && nd <= 64, "channel_scale: x must have 1 to 64 dimensions");
+  STD_TORCH_CHECK(dim >= -nd && dim < nd, "channel_scale: dim=", dim, " is out of range for a ", nd,
+                  "-d tensor");
+  if (dim < 0) dim += nd;
+  if (per_sample) {
+    STD_TORCH_CHECK(nd >= 2 && dim != 0,
+                    "channel_scale: per_sample=True needs a batch dim 0 and a channel dim other than 0");
+    STD_TORCH_CHECK(scale.dim() == 2 && scale.size(0) == x.size(0) && scale.size(1) == x.size(dim),
+                    "channel_scale: with per_sample=True scale must have shape (x.shape[0], x.shape[dim])");
+  } else {
+    STD_TORCH_CHECK(scale.dim() == 1 && scale.size(0) == x.size(dim),
+                    "channel_scale: scale must have shape (x.shape[dim],)");
+  }
+  return dim;
+}
+
 // Checks the arguments of weight_channel_sums.
 inline void check_weight_sums_args(const Tensor& w, const Tensor& t, int64_t groups) {
   check_pair(w, t, "weight_channel_sums", "w", "t");

@@ -12,4 +12,5 @@ STABLE_TORCH_LIBRARY(pyobc, m) {
   m.def("csr_gather_sum(Tensor values, Tensor rowptr, Tensor col, Tensor? weight=None) -> Tensor");
   m.def("csr_gather_reduce(Tensor values, Tensor rowptr, Tensor col, str reduce) -> Tensor");
   m.def("gather_channels(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]");
+  m.def("channel_scale(Tensor x, Tensor scale, int dim, bool per_sample=False) -> Tensor");
 }

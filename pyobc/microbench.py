@@ -78,6 +78,12 @@ def extension_status(device: str = "cpu") -> tuple[bool, str]:
     return True, f"compiled extension {ext.get('path')}"
 
 
+def _scale_case(randn: Callable, shape: tuple) -> tuple[Callable, Callable]:
+    """channel_scale on activations: the compiled op against the reference kernel."""
+    x, s = randn(*shape), randn(shape[1])
+    return (lambda: ops.channel_scale(x, s, 1), lambda: reference.channel_scale(x, s, 1))
+
+
 def _cases(quick: bool, device: str) -> list[tuple[str, str, Callable[[], tuple]]]:
     """(case, op, build) with build() -> (compiled_fn, reference_fn); inputs are made on demand."""
     gen = torch.Generator().manual_seed(0)
@@ -131,6 +137,7 @@ def _cases(quick: bool, device: str) -> list[tuple[str, str, Callable[[], tuple]
         (f"activations {n}x{c}x{hw}x{hw}", "channel_dot", lambda: act(False)),
         (f"activations {n}x{c}x{hw}x{hw} per sample", "channel_dot", lambda: act(True)),
         (f"tokens {n}x{t}x{e}", "channel_dot", tokens),
+        (f"activations {n}x{c}x{hw}x{hw}", "channel_scale", lambda: _scale_case(randn, (n, c, hw, hw))),
         (f"weight {o}x{i}x3x3", "weight_channel_sums", weights),
         (f"{rows} rows, {src} -> {dst}", "csr_gather_sum", csr),
         (f"{rows} rows, {src} -> {dst}, amax", "csr_gather_reduce", lambda: csr("amax")),

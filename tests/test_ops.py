@@ -520,6 +520,7 @@ def _opcheck_samples(device="cpu"):
     cd, ws = torch.ops.pyobc.channel_dot.default, torch.ops.pyobc.weight_channel_sums.default
     cs, cr = torch.ops.pyobc.csr_gather_sum.default, torch.ops.pyobc.csr_gather_reduce.default
     gc = torch.ops.pyobc.gather_channels.default
+    sc = torch.ops.pyobc.channel_scale.default
     f64 = torch.float64
     rowptr, col = _csr_sample(device)
     full_rowptr = torch.tensor([0, 2, 3, 5, 6], device=device)  # no empty row (amax: finite)
@@ -535,6 +536,8 @@ def _opcheck_samples(device="cpu"):
                   -1, True)),
             (ws, (mk((6, 2, 3, 3), seed=5), mk((6, 2, 3, 3), seed=6), 3)),
             (ws, (mk((5, 4), seed=7, dtype=f64), mk((5, 4), seed=8, dtype=f64), 1)),
+            (sc, (mk((3, 4, 5), seed=19), mk((4,), seed=20), 1, False)),
+            (sc, (mk((2, 3, 4, 4), "channels_last", 21, f64), mk((2, 3), seed=22, dtype=f64), 1, True)),
         ]
     # the index ops: a few samples, most with gradients
     grad_ = dict(dtype=torch.float64)
@@ -561,7 +564,7 @@ def _opcheck_samples(device="cpu"):
     return samples
 
 
-N_OPCHECK = 18
+N_OPCHECK = 22
 
 
 @pytest.mark.parametrize("index", range(N_OPCHECK))
@@ -922,3 +925,208 @@ def test_cuda_gather_channels_matches_cpu():
     # mixed devices: one call per device, results in order
     mixed = ops.gather_channels([tensors[0], tensors[1].cuda()], [0, 0], [idx[0], idx[1].cuda()])
     assert mixed[0].device.type == "cpu" and mixed[1].device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# pyobc.ops.second_order: lean convolution and eval-mode batch norm for double backward
+# ---------------------------------------------------------------------------------------------
+
+from pyobc.ops import second_order as _lean  # noqa: E402
+
+_LEAN_CONVS = [  # (nd, in_shape, weight_shape, stride, padding, dilation, groups)
+    (1, (2, 4, 11), (6, 2, 3), 2, 1, 1, 2),
+    (2, (2, 3, 9, 8), (4, 3, 3, 3), 2, 1, 1, 1),
+    (2, (2, 4, 10, 7), (4, 1, 3, 3), 1, 2, 2, 4),  # depthwise, dilated
+    (2, (2, 3, 8, 8), (5, 3, 1, 1), 2, 0, 1, 1),  # strided 1x1 (even input: output_padding 1)
+    (3, (1, 2, 5, 6, 5), (3, 2, 2, 3, 2), (1, 2, 2), (0, 1, 1), 1, 1),
+]
+
+
+def _second_derivatives(conv, x, w, b, args):
+    """(y, dL/dx, d(<dL/dx, u>)/dx, d(<dL/dx, u>)/d(upstream)) of L = <r, conv(x)^2>: an
+    input-dependent upstream gradient, so the double backward meets both of its terms."""
+    torch.manual_seed(1)
+    y = conv(x, w, b, *args)
+    r = torch.randn_like(y)
+    gx, = torch.autograd.grad((r * y * y).sum(), x, create_graph=True)
+    u = torch.randn_like(gx)
+    hx, = torch.autograd.grad((gx * u).sum(), x)
+    return y, gx.detach(), hx
+
+
+@pytest.mark.parametrize("case", _LEAN_CONVS)
+def test_conv_input_only_matches_native_derivatives(case):
+    nd, in_shape, w_shape, stride, padding, dilation, groups = case
+    func = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[nd]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(in_shape, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(w_shape, dtype=torch.float64, generator=g)
+    b = torch.randn(w_shape[0], dtype=torch.float64, generator=g)
+    args = (stride, padding, dilation, groups)
+    lean = _second_derivatives(lambda *a: _lean.conv_input_only(func, *a), x, w, b, args)
+    native = _second_derivatives(func, x, w, b, args)
+    for got, want in zip(lean, native):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradgradcheck(lambda t: _lean.conv_input_only(func, t, w, b, *args), (x,))
+
+
+def test_conv_input_only_falls_back_when_weights_need_grad():
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = _lean.conv_input_only(torch.nn.functional.conv2d, x, w, None, 1, 1)
+    assert "ConvolutionBackward" in type(y.grad_fn).__name__  # the native node: weight grads flow
+    gw, = torch.autograd.grad(y.sum(), w)
+    torch.testing.assert_close(gw, torch.autograd.grad(torch.nn.functional.conv2d(x, w, None, 1, 1).sum(), w)[0])
+
+
+def test_conv_input_only_skips_the_weight_term_of_double_backward():
+    """The point of the op: the second pass runs one convolution per layer, not two."""
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(3, 3, 3, 3)
+
+    def convolutions(conv):
+        with torch.profiler.profile() as prof:
+            h = conv(x, w, None, 1, 1).relu()
+            y = conv(h, w, None, 1, 1)
+            gx, = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+            torch.autograd.grad(gx.sum(), x)
+        # every convolution-sized kernel: forward-like ones and backward ones
+        return sum(e.name in ("aten::_convolution", "aten::convolution_backward") for e in prof.events())
+
+    native = convolutions(torch.nn.functional.conv2d)
+    lean = convolutions(lambda *a: _lean.conv_input_only(torch.nn.functional.conv2d, *a))
+    assert (lean, native) == (8, 10)  # 2 forward + 2 backward + 4 vs 6 in the double backward
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (4, 3, 5), (2, 3, 4, 5), (2, 3, 2, 3, 2)])
+def test_batch_norm_eval_matches_native(shape):
+    g = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    mean, var = torch.randn(c, dtype=torch.float64, generator=g), torch.rand(c, dtype=torch.float64, generator=g) + 0.1
+    w = torch.randn(c, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def derivatives(bn):
+        y = bn(x, mean, var, w, b, False, 0.1, 1e-3)
+        grads = torch.autograd.grad((y.sin()).sum(), (x, w, b), create_graph=True)
+        second = torch.autograd.grad(sum((t * t).sum() for t in grads), (x, w, b))
+        return (y,) + grads + second
+
+    for got, want in zip(derivatives(_lean.batch_norm_eval), derivatives(torch.nn.functional.batch_norm)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # training mode is the native op (batch statistics)
+    torch.testing.assert_close(_lean.batch_norm_eval(x, None, None, w, b, True),
+                               torch.nn.functional.batch_norm(x, None, None, w, b, True))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# channel_scale: x * scale broadcast along a channel dim (channel_dot's adjoint)
+# ---------------------------------------------------------------------------------------------
+
+CHANNEL_SCALE_CASES = [  # (shape, dim, per_sample, layout)
+    ((7,), 0, False, "contiguous"),
+    ((4, 6, 5, 3), 1, False, "contiguous"),
+    ((4, 6, 5, 3), 1, True, "contiguous"),
+    ((4, 6, 5, 3), 1, True, "channels_last"),
+    ((4, 6, 5, 3), -1, False, "transposed"),
+    ((3, 7, 8), -1, True, "contiguous"),
+    ((3, 7, 8), 1, False, "sliced"),
+    ((3, 7, 8), 2, True, "expanded"),
+    ((64, 33, 17), 1, False, "contiguous"),  # rows split across tasks
+    ((0, 4, 3), 1, True, "contiguous"),
+]
+
+
+def _scale_for(x, dim, per_sample, seed):
+    d = dim % x.dim()
+    return make((x.shape[0], x.shape[d]) if per_sample else (x.shape[d],), x.dtype, seed=seed,
+                device=x.device)
+
+
+def _expected_scale(x, s, dim, per_sample):
+    """The product in float64, rounded once: exact for every supported dtype (a product of two
+    float32 values rounds the same way from float64; 16-bit products are exact in float32)."""
+    shape = [1] * x.dim()
+    shape[dim % x.dim()] = x.shape[dim]
+    if per_sample:
+        shape[0] = x.shape[0]
+    return (x.double() * s.double().reshape(shape)).to(x.dtype)
+
+
+@pytest.mark.parametrize("case", CHANNEL_SCALE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_channel_scale_matches_float64_product(case, dtype):
+    shape, dim, per_sample, layout = case
+    x = make(shape, dtype, layout, seed=1)
+    s = _scale_for(x, dim, per_sample, seed=2)
+    got = ops.channel_scale(x, s, dim, per_sample)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got, _expected_scale(x, s, dim, per_sample), rtol=0, atol=0)
+    if layout in ("contiguous", "channels_last", "transposed"):  # dense: x's strides are kept
+        assert got.stride() == x.stride()
+
+
+def test_channel_scale_gradients():
+    x = make((3, 4, 5), torch.float64, seed=1).requires_grad_()
+    s = make((3, 4), torch.float64, seed=2).requires_grad_()
+    s1 = make((5,), torch.float64, seed=3).requires_grad_()
+    for f, args in ((lambda a, b: ops.channel_scale(a, b, 1, True), (x, s)),
+                    (lambda a, b: ops.channel_scale(a, b, -1), (x, s1)),
+                    (lambda a, b: ops.channel_dot(a, b, 1, True), (x, make((3, 4, 5), torch.float64, seed=4).requires_grad_()))):
+        assert torch.autograd.gradcheck(f, args)
+        assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_channel_scale_falls_back_to_torch_where_the_op_has_no_formulas():
+    """Forward-mode AD and mixed dtypes: the same product through torch's broadcast multiply."""
+    x, s = make((2, 3, 4), seed=1), make((3,), seed=2)
+    with torch.autograd.forward_ad.dual_level():
+        xd = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        tangent = torch.autograd.forward_ad.unpack_dual(ops.channel_scale(xd, s, 1)).tangent
+    torch.testing.assert_close(tangent, s.view(1, 3, 1).expand_as(x), rtol=0, atol=0)
+    mixed = ops.channel_scale(x.bfloat16(), s, 1)  # float32 scale: promoted like torch's multiply
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, x.bfloat16().float() * s.view(1, 3, 1))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.pyobc.channel_scale(x.double(), s, 1)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: ops.channel_scale(torch.randn(2, 3), torch.randn(2), 1), ValueError, "shape"),
+    (lambda: ops.channel_scale(torch.randn(2, 3), torch.randn(3), 2), ValueError, "out of range"),
+    (lambda: ops.channel_scale(torch.randn(2, 3), torch.randn(3), 0, True), ValueError, "per_sample"),
+    (lambda: ops.channel_scale(torch.randn(2, 3), torch.randn(3), 1, True), ValueError, "shape"),
+    (lambda: ops.channel_scale(torch.arange(6).view(2, 3), torch.ones(3, dtype=torch.long), 1), TypeError,
+     "float32"),
+    (lambda: ops.channel_scale([1.0], torch.randn(1), 0), TypeError, "torch.Tensor"),
+    (lambda: ops.channel_scale(torch.randn(2, 3), torch.randn(3), 1.0), TypeError, "dim"),
+])
+def test_channel_scale_argument_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_channel_scale_torch_compile_fullgraph():
+    f = torch.compile(lambda a, b: ops.channel_scale(a, b, 1, True) * 2, fullgraph=True, backend="eager")
+    x, s = make((2, 3, 4), seed=1), make((2, 3), seed=2)
+    torch.testing.assert_close(f(x, s), _expected_scale(x, s, 1, True) * 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_cuda_channel_scale_matches_cpu(dtype):
+    for shape, dim, per_sample, layout in CHANNEL_SCALE_CASES + [((64, 64, 32, 32), 1, True, "channels_last")]:
+        x = make(shape, dtype, layout, seed=1, device="cuda")
+        s = _scale_for(x, dim, per_sample, seed=2)
+        got = ops.channel_scale(x, s, dim, per_sample)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), _expected_scale(x.cpu(), s.cpu(), dim, per_sample), rtol=0, atol=0)
+
+
+@needs_cuda
+def test_cuda_channel_scale_gradgradcheck():
+    x = make((3, 4, 5), torch.float64, seed=1, device="cuda").requires_grad_()
+    s = make((3, 4), torch.float64, seed=2, device="cuda").requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, b: ops.channel_scale(a, b, 1, True), (x, s))

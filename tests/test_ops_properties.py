@@ -129,6 +129,33 @@ def shape_and_dim(draw):
 
 
 @SETTINGS
+@given(case=shape_and_dim(), dtype=dtypes, layout=layouts, seed=st.integers(0, 1000))
+def test_channel_scale(case, dtype, layout, seed):
+    """channel_scale is exact (one rounding of the float64 product) on every path, and its gradient
+    with respect to the scale is channel_dot's value."""
+    shape, dim, per_sample = case
+    x = rand(shape, dtype, layout, seed)
+    d = dim % len(shape)
+    s = rand((shape[0], shape[d]) if per_sample else (shape[d],), dtype, "contiguous", seed + 1)
+    view = [1] * len(shape)
+    view[d] = shape[d]
+    if per_sample:
+        view[0] = shape[0]
+    want = (x.double() * s.double().reshape(view)).to(dtype)
+    got = ops.channel_scale(x, s, dim, per_sample)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    assert torch.equal(_reference.channel_scale(x, s, dim, per_sample).nan_to_num(0.0), want.nan_to_num(0.0))
+    if dtype == torch.float64:
+        leaf = s.clone().requires_grad_()
+        g = rand(shape, dtype, "contiguous", seed + 2)
+        grad, = torch.autograd.grad(ops.channel_scale(x, leaf, dim, per_sample), leaf, g)
+        red = [i for i in range(len(shape)) if i not in ({d, 0} if per_sample else {d})]
+        prod = g * x
+        torch.testing.assert_close(grad, prod.sum(red) if red else prod, rtol=1e-12, atol=1e-12)
+
+
+@SETTINGS
 @given(case=shape_and_dim(), dtype=dtypes, layout=layouts, same_layout=st.booleans(),
        seed=st.integers(0, 1000))
 def test_channel_dot(case, dtype, layout, same_layout, seed):

@@ -20,7 +20,7 @@ for d in c.include_paths(): print("-I" + d)
 for f in c.COMMON_NVCC_FLAGS: print(f)')
 
 shopt -s nullglob
-sources=(csrc/cuda/*.cu)
+sources=(${CHECK_SOURCES:-csrc/cuda/*.cu})
 if [ ${#sources[@]} -eq 0 ]; then
   echo "no csrc/cuda/*.cu files"; exit 0
 fi

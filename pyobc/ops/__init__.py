@@ -10,6 +10,7 @@ warning). When the library exists but fails to load, importing this module emits
 ``RuntimeWarning`` with the reason.
 
 Ops: :func:`channel_dot` and :func:`weight_channel_sums` (per-channel product reductions),
+:func:`channel_scale` (the broadcast product ``x * scale`` along a channel dim, channel_dot's adjoint),
 :func:`csr_gather_sum` and :func:`csr_gather_reduce` (block-sparse accumulation: every output sums,
 or reduces, its own list of input positions; Layout's maps), :func:`gather_channels` (structured
 slicing of many tensors in one call).
@@ -30,10 +31,10 @@ from __future__ import annotations
 import torch
 
 from . import _registry
-from ._checks import (check_channel_dot, check_csr, check_csr_data, check_csr_reduce,
+from ._checks import (check_channel_dot, check_channel_scale, check_csr, check_csr_data, check_csr_reduce,
                     check_gather_channels, check_weight_channel_sums)
 
-__all__ = ["channel_dot", "weight_channel_sums", "csr_gather_sum", "csr_gather_reduce",
+__all__ = ["channel_dot", "channel_scale", "weight_channel_sums", "csr_gather_sum", "csr_gather_reduce",
            "gather_channels", "backend_report"]
 
 _registry.install()
@@ -75,6 +76,65 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor, dim: int = 1,
         dim = check_channel_dot(a, b, dim, per_sample)
     return _registry.call(torch.ops.pyobc.channel_dot.default, (a, b, dim, per_sample), (a, b),
                           lambda: check_channel_dot(a, b, dim, per_sample))
+
+
+def channel_scale(x: torch.Tensor, scale: torch.Tensor, dim: int = 1,
+                  per_sample: bool = False) -> torch.Tensor:
+    """``x * scale`` with ``scale`` broadcast along channel ``dim`` (and along dim 0 with ``per_sample``).
+
+    The adjoint of :func:`channel_dot`, for gating activations channel by channel: its backward is
+    one ``channel_scale`` (for ``x``) and one ``channel_dot`` (for ``scale``), which sums
+    ``grad * x`` without a full-size temporary (1.9x faster than the eager multiply-and-sum on
+    64x64x32x32 activations, `bench/bench_ops.py`). Its derivatives are pyobc ops again, so it can be
+    differentiated twice. (pyobc's own gated passes keep torch's multiply on CPU: there, the Python
+    autograd layer of a registered op cost more than the fusion saved; see bench/RESULTS.md.)
+
+    Args:
+        x: float32, float64, float16 or bfloat16 tensor.
+        scale: ``(C,)``, or ``(N, C)`` with ``per_sample=True`` (``C = x.shape[dim]``,
+            ``N = x.shape[0]``); the device of ``x``.
+        dim: the channel dim (may be negative).
+        per_sample: one row of scales per sample of dim 0.
+
+    Returns:
+        a tensor shaped like ``x`` in its dtype (with its strides when ``x`` is dense: contiguous,
+        channels_last, permuted; else contiguous). 16-bit inputs are multiplied in float32 and
+        rounded once.
+
+    Under forward-mode AD or a functorch transform (which the op has no formulas for), and when
+    ``scale`` has another dtype than ``x`` (e.g. float32 gates on bfloat16 activations under
+    autocast), the same product is computed with torch's broadcast multiply (with its type
+    promotion). Calling ``torch.ops.pyobc.channel_scale`` directly requires equal dtypes.
+
+    Raises:
+        TypeError: non-tensors, unsupported dtypes, non-int ``dim``.
+        ValueError: ``scale`` of the wrong shape, devices differ, ``dim`` out of range.
+
+    Example:
+        >>> import torch, pyobc.ops
+        >>> x, s = torch.randn(8, 16, 4, 4), torch.randn(16)
+        >>> torch.equal(pyobc.ops.channel_scale(x, s, dim=1), x * s.view(1, 16, 1, 1))
+        True
+        >>> pyobc.ops.channel_scale(torch.randn(8, 5, 3), torch.randn(8, 3), dim=-1, per_sample=True).shape
+        torch.Size([8, 5, 3])
+    """
+    if type(dim) is not int or type(per_sample) is not bool:  # e.g. a numpy int: normalise
+        dim = check_channel_scale(x, scale, dim, per_sample)
+    if (isinstance(x, torch.Tensor) and isinstance(scale, torch.Tensor)
+            and (scale.dtype != x.dtype or _registry.forward_transforms_active())):
+        return _broadcast_scale(x, scale, dim, per_sample)
+    return _registry.call(torch.ops.pyobc.channel_scale.default, (x, scale, dim, per_sample), (x, scale),
+                          lambda: check_channel_scale(x, scale, dim, per_sample))
+
+
+def _broadcast_scale(x: torch.Tensor, scale: torch.Tensor, dim: int, per_sample: bool) -> torch.Tensor:
+    """channel_scale's product with torch's broadcast multiply (and its dtype promotion)."""
+    d = check_channel_scale(x, scale.to(x.dtype), dim, per_sample)  # everything but the dtypes
+    shape = [1] * x.dim()
+    shape[d] = x.shape[d]
+    if per_sample:
+        shape[0] = x.shape[0]
+    return x * scale.reshape(shape)
 
 
 def weight_channel_sums(w: torch.Tensor, t: torch.Tensor,

@@ -1,6 +1,7 @@
 """Autograd formulas of the pyobc operators (registered with torch.library.register_autograd).
 
-``channel_dot`` and ``weight_channel_sums`` are bilinear: each input's gradient is the other input
+``channel_dot``, ``channel_scale`` and ``weight_channel_sums`` are bilinear (``channel_dot`` and
+``channel_scale`` are each other's adjoints; channel_scale's formulas are written with both ops): each input's gradient is the other input
 times the output gradient broadcast back over the reduced dims. ``csr_gather_sum`` is linear in its
 values (the gradient is the transposed map) and bilinear in (values, weight); ``csr_gather_reduce``
 routes the gradient to the entries that made each output; ``gather_channels`` scatters it back to the
@@ -30,6 +31,25 @@ def channel_dot_backward(ctx, grad):
     grad_a = (b * g).to(a.dtype) if ctx.needs_input_grad[0] else None
     grad_b = (a * g).to(b.dtype) if ctx.needs_input_grad[1] else None
     return grad_a, grad_b, None, None
+
+
+def channel_scale_setup_context(ctx, inputs, output):
+    x, scale, dim, per_sample = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.dim = dim % x.dim()
+    ctx.per_sample = per_sample
+
+
+def channel_scale_backward(ctx, grad):
+    """``d(x * s)/dx = s`` broadcast (channel_scale again) and ``d/ds = sum of grad * x`` over the
+    broadcast dims (channel_dot): both are pyobc ops with formulas, so double backward works."""
+    x, scale = ctx.saved_tensors
+    grad_x = grad_scale = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.pyobc.channel_scale(grad, scale, ctx.dim, ctx.per_sample)
+    if ctx.needs_input_grad[1]:
+        grad_scale = torch.ops.pyobc.channel_dot(grad, x, ctx.dim, ctx.per_sample).to(scale.dtype)
+    return grad_x, grad_scale, None, None
 
 
 def weight_channel_sums_setup_context(ctx, inputs, output):

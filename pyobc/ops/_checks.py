@@ -78,6 +78,36 @@ def check_channel_dot(a, b, dim, per_sample) -> int:
     return dim
 
 
+def check_channel_scale(x, scale, dim, per_sample) -> int:
+    """Validates channel_scale arguments; returns ``dim`` normalised to ``[0, x.dim())``."""
+    op = "channel_scale"
+    for value, name in ((x, "x"), (scale, "scale")):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.layout != torch.strided:
+            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {value.layout}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if scale.dtype != x.dtype:
+        raise TypeError(f"{op}: x and scale must have the same dtype, got {x.dtype} and {scale.dtype}")
+    if x.device != scale.device:
+        raise ValueError(f"{op}: x and scale must be on the same device, got {x.device} and {scale.device}")
+    dim = _check_int(op, "dim", dim)
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"{op}: per_sample must be a bool, got {type(per_sample).__name__}")
+    nd = x.dim()
+    if not 1 <= nd <= 64 or not -nd <= dim < nd:
+        raise ValueError(f"{op}: dim={dim} is out of range for a {nd}-d tensor")
+    dim %= nd
+    if per_sample and (nd < 2 or dim == 0):
+        raise ValueError(f"{op}: per_sample=True needs a batch dim 0 and a channel dim other than 0")
+    want = (x.shape[0], x.shape[dim]) if per_sample else (x.shape[dim],)
+    if tuple(scale.shape) != want:
+        raise ValueError(f"{op}: scale must have shape {want} for x of shape {tuple(x.shape)}, dim={dim}"
+                         f"{', per_sample=True' if per_sample else ''}; got {tuple(scale.shape)}")
+    return dim
+
+
 def check_weight_channel_sums(w, t, groups) -> int:
     """Validates weight_channel_sums arguments; returns ``groups`` as an int."""
     op = "weight_channel_sums"

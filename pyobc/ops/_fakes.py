@@ -6,8 +6,10 @@ the real kernels (:mod:`._checks`), so tracing rejects what running would reject
 """
 from __future__ import annotations
 
+import torch
 
-from ._checks import (check_channel_dot, check_csr, check_csr_reduce, check_gather_channels,
+
+from ._checks import (check_channel_dot, check_channel_scale, check_csr, check_csr_reduce, check_gather_channels,
                       check_weight_channel_sums, result_dtype)
 
 
@@ -42,3 +44,8 @@ def gather_channels_fake(tensors, dims, indices):
         shape[d] = idx.shape[0]
         out.append(t.new_empty(shape))  # contiguous
     return out
+
+
+def channel_scale_fake(x, scale, dim, per_sample=False):
+    check_channel_scale(x, scale, dim, per_sample)
+    return torch.empty_like(x)

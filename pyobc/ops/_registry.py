@@ -85,6 +85,14 @@ OPS: tuple[OpSpec, ...] = (
         backward=_autograd.csr_gather_reduce_backward,
     ),
     OpSpec(
+        name="channel_scale",
+        schema="channel_scale(Tensor x, Tensor scale, int dim, bool per_sample=False) -> Tensor",
+        reference=reference.channel_scale,
+        fake=_fakes.channel_scale_fake,
+        setup_context=_autograd.channel_scale_setup_context,
+        backward=_autograd.channel_scale_backward,
+    ),
+    OpSpec(
         name="gather_channels",
         schema="gather_channels(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]",
         reference=reference.gather_channels,
@@ -207,6 +215,11 @@ def backend_report() -> dict:
 # with this guard; without it, every call pays for the Python autograd layer of
 # register_autograd (tens of microseconds) even when no gradient can flow.
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+
+
+def forward_transforms_active() -> bool:
+    """Whether forward-mode AD or a functorch transform is active (the ops have no formulas for them)."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def autograd_needed(tensors) -> bool:

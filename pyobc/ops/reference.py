@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._checks import (accumulate_dtype, check_channel_dot, check_csr, check_csr_data, check_csr_reduce,
+from ._checks import (accumulate_dtype, check_channel_dot, check_channel_scale, check_csr, check_csr_data, check_csr_reduce,
                       check_gather_channels, check_gather_indices_data, check_weight_channel_sums, result_dtype)
 
 
@@ -94,3 +94,13 @@ def gather_channels(tensors, dims, indices):
     dims = check_gather_channels(tensors, dims, indices)
     check_gather_indices_data(tensors, dims, indices)
     return [t.index_select(d, idx).contiguous() for t, d, idx in zip(tensors, dims, indices)]
+
+
+def channel_scale(x: torch.Tensor, scale: torch.Tensor, dim: int, per_sample: bool = False):
+    dim = check_channel_scale(x, scale, dim, per_sample)
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    if per_sample:
+        shape[0] = x.shape[0]
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return (x.to(compute) * scale.to(compute).reshape(shape)).to(x.dtype)

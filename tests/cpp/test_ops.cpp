@@ -128,6 +128,41 @@ void test_channel_dot(const std::vector<int64_t>& shape, int64_t dim, bool per_s
         what);
 }
 
+bool call_channel_scale(const Tensor& x, const Tensor& s, int64_t dim, bool per_sample, Tensor* out) {
+  StableIValue stack[4] = {detail::from(x), detail::from(s), detail::from(dim),
+                           detail::from(per_sample)};
+  if (torch_call_dispatcher("pyobc::channel_scale", "", stack, TORCH_ABI_VERSION) != TORCH_SUCCESS)
+    return false;
+  *out = detail::to<Tensor>(stack[0]);
+  return true;
+}
+
+// out = x * s broadcast along dim (and dim 0 with per_sample): exact in float32/float64
+void test_channel_scale(const std::vector<int64_t>& shape, int64_t dim, bool per_sample,
+                        ScalarType dtype, MemoryFormat format = MemoryFormat::Contiguous) {
+  const Tensor x = make(shape, dtype, 8, format);
+  const int64_t nd = static_cast<int64_t>(shape.size());
+  const int64_t d = dim < 0 ? dim + nd : dim;
+  const Tensor s = per_sample ? make({shape[0], shape[d]}, dtype, 9) : make({shape[d]}, dtype, 9);
+  Tensor out;
+  bool ok = call_channel_scale(x, s, dim, per_sample, &out) && out.scalar_type() == dtype &&
+            shape_of(out) == shape;
+  if (ok) {
+    for_each_index(shape, [&](const std::vector<int64_t>& idx) {
+      const double sv = per_sample ? at(s, {idx[0], idx[d]}) : at(s, {idx[d]});
+      const double want = dtype == ScalarType::Double ? at(x, idx) * sv
+                                                      : static_cast<float>(static_cast<float>(at(x, idx)) *
+                                                                           static_cast<float>(sv));
+      if (at(out, idx) != want) ok = false;
+    });
+  }
+  std::string what = "channel_scale shape=(";
+  for (int64_t v : shape) what += std::to_string(v) + ",";
+  what += ") dim=" + std::to_string(dim) + (per_sample ? " per_sample" : "") +
+          (format == MemoryFormat::ChannelsLast ? " channels_last" : "");
+  check(ok, what);
+}
+
 void test_weight_sums(const std::vector<int64_t>& shape, int64_t groups, ScalarType dtype) {
   const Tensor w = make(shape, dtype, 3), t = make(shape, dtype, 4);
   const int64_t O = shape[0], Ig = shape[1], Og = O / groups;
@@ -265,6 +300,10 @@ int main() {
   test_channel_dot({2, 8, 3, 5}, 2, true, f64, MemoryFormat::ChannelsLast);
   test_channel_dot({64, 16, 20}, 1, false, f32);  // larger than one task: exercises parallel_for
   test_channel_dot({3, 0, 4}, 2, true, f32);      // empty input -> zeros
+  test_channel_scale({3, 4, 5}, 1, false, f32);
+  test_channel_scale({3, 4, 5}, -1, true, f64);
+  test_channel_scale({2, 8, 3, 5}, 1, true, f32, MemoryFormat::ChannelsLast);
+  test_channel_scale({64, 16, 20}, 1, false, f64);  // several tasks
   test_weight_sums({6, 2, 3, 3}, 3, f32);
   test_weight_sums({6, 4, 3, 3}, 1, f64);
   test_weight_sums({5, 7}, 1, f32);
@@ -282,6 +321,8 @@ int main() {
     check(!call_channel_dot(a, b, 1, false, &out), "channel_dot rejects mismatched shapes");
     check(!call_channel_dot(a, a, 2, false, &out), "channel_dot rejects dim out of range");
     check(!call_channel_dot(a, a, 0, true, &out), "channel_dot rejects per_sample with dim=0");
+    check(!call_channel_scale(a, make({3}, f32, 7), 1, false, &out),
+          "channel_scale rejects a scale of the wrong length");
     Tensor outs, ins;
     const Tensor w = make({6, 2, 3}, f32, 7);
     check(!call_weight_sums(w, w, 4, &outs, &ins), "weight_channel_sums rejects groups=4 for O=6");

@@ -1,0 +1,137 @@
+"""Lean replacements of convolution and eval-mode batch norm for passes that differentiate twice.
+
+pyobc's second-order criteria (OBA, SOSP's double-VJP path) run two reverse passes in which no
+parameter requires grad. Two of PyTorch's own derivative formulas then compute work nobody asked for:
+
+* **Convolution.** The first backward's input gradient is a ``ConvolutionBackward0`` node; its
+  derivative (``_convolution_double_backward``) computes, besides ``ggO = conv(ggI, W)``, the weight
+  term ``conv(ggI, gO)`` whether or not the weight requires grad: one full convolution per layer
+  thrown away (measured: 3 convolutions per layer in the second pass instead of 2).
+  :func:`conv_input_only` is the same convolution whose backward is written with
+  ``conv_transpose`` (a first-order op): its derivative is one ``convolution_backward`` restricted
+  to the inputs that require grad.
+* **Batch norm in eval mode** is the affine map ``x * s + t`` with ``s = gamma / sqrt(var + eps)``
+  and ``t = beta - mean * s``. The fused kernel's double backward (``NativeBatchNormBackwardBackward0``)
+  recomputes the training-mode formulas; :func:`batch_norm_eval` is the affine map itself (one
+  ``addcmul``), whose derivatives of every order are elementwise.
+
+Both are exact: the same functions, other derivative graphs. :data:`OVERRIDES` maps the torch
+functions to these replacements; :func:`pyobc.scoring.gates.second_order_mode` applies them.
+They fall back to the torch function where their shortcut does not apply (weights that require
+grad, string padding, training-mode batch norm, forward-mode AD or functorch transforms active).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad as _forward_ad
+
+__all__ = ["conv_input_only", "batch_norm_eval", "OVERRIDES"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _input_grad(grad, weight, in_shape, stride, padding, dilation, groups):
+    """``d conv / d x`` applied to ``grad``: a transposed convolution, sized back to ``in_shape``."""
+    nd = weight.dim() - 2
+    st, pd, dl = _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd)
+    out_pad = tuple(in_shape[2 + i] - ((grad.shape[2 + i] - 1) * st[i] - 2 * pd[i]
+                                       + dl[i] * (weight.shape[2 + i] - 1) + 1) for i in range(nd))
+    return _CONV_T[nd](grad, weight, None, st, pd, out_pad, groups, dl)
+
+
+class _ConvInputOnly(torch.autograd.Function):
+    """A convolution differentiable in its input only (weight and bias are constants)."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups):
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(weight)
+        ctx.args = (x.shape, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        grad_x = _input_grad(grad, weight, *ctx.args) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None, None
+
+
+def _constant(t: torch.Tensor | None) -> bool:
+    return t is None or not t.requires_grad
+
+
+def conv_input_only(func: Callable, input: torch.Tensor, weight: torch.Tensor, bias=None, stride=1,
+                    padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``func(input, weight, bias, ...)`` (``F.conv1d/2d/3d``) with a lean double backward.
+
+    When ``weight`` and ``bias`` do not require grad (and no forward-mode AD or functorch transform is
+    active), the result's backward is a transposed convolution, so differentiating it again costs one
+    convolution instead of two. Otherwise ``func`` itself is called.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+        >>> w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+        >>> y = conv_input_only(F.conv2d, x, w, None, 2, 1)
+        >>> torch.allclose(y, F.conv2d(x, w, None, 2, 1))
+        True
+        >>> torch.autograd.gradgradcheck(lambda t: conv_input_only(F.conv2d, t, w, None, 2, 1), (x,))
+        True
+    """
+    if (not _constant(weight) or not _constant(bias) or isinstance(padding, str)
+            or _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+            or weight.dim() - 2 not in _CONV or not input.requires_grad):
+        return func(input, weight, bias, stride, padding, dilation, groups)
+    return _ConvInputOnly.apply(input, weight, bias, stride, padding, dilation, groups)
+
+
+def batch_norm_eval(input: torch.Tensor, running_mean, running_var, weight=None, bias=None,
+                    training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """``F.batch_norm`` in eval mode as the affine map ``x * s + t`` (one ``addcmul``).
+
+    ``s = weight / sqrt(running_var + eps)``, ``t = bias - running_mean * s``: the same function as
+    ``F.batch_norm(..., training=False)``, with elementwise derivatives of every order (gradients
+    flow to ``x``, ``weight`` and ``bias``). Training mode, or missing running statistics, call
+    ``F.batch_norm`` itself.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> x, m, v = torch.randn(4, 3, 5, 5), torch.randn(3), torch.rand(3) + 0.5
+        >>> w, b = torch.randn(3), torch.randn(3)
+        >>> torch.allclose(batch_norm_eval(x, m, v, w, b), F.batch_norm(x, m, v, w, b), atol=1e-6)
+        True
+    """
+    if training or running_mean is None or running_var is None or input.dim() < 2:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    return torch.addcmul(shift.view(shape), input, scale.view(shape))
+
+
+def _conv_override(func: Callable) -> Callable:
+    def run(*args, **kwargs):
+        return conv_input_only(func, *args, **kwargs)
+    return run
+
+
+#: torch function -> replacement with the same signature, for passes that differentiate twice
+OVERRIDES: dict[Callable, Callable] = {
+    **{func: _conv_override(func) for func in _CONV.values()},
+    F.batch_norm: batch_norm_eval,
+}
