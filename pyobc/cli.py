@@ -77,6 +77,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _damping(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"damping must be a number >= 0, got {text!r}") from None
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"damping must be >= 0, got {text}")
+    return value
+
+
 def _int_at_least(minimum: int, what: str):
     """An argparse type: an int >= ``minimum`` (``what`` names it in the error)."""
     def parse(text: str) -> int:
@@ -231,7 +241,7 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = run_demo(methods, ratio=args.ratio, batches=args.batches, quick=args.quick,
                     finetune_epochs=args.finetune_epochs, equivalent=args.equivalent, threads=args.threads,
-                    progress=args.progress, out=out)
+                    progress=args.progress, out=out, reconstruct=args.reconstruct)
     seconds = time.perf_counter() - t0
     if args.json:
         _print_json({"quick": args.quick, "ratio": args.ratio, "seconds": seconds, "rows": [r.to_dict() for r in rows]})
@@ -290,7 +300,11 @@ def _prune_cmd(args: argparse.Namespace) -> int:
     with _user_errors("pruning"):
         pruned, report = pyobc.prune(inputs.model, scores, args.ratio, scope=scope, target=args.target,
                                      ignored_layers=args.ignore or (), round_to=args.round_to,
-                                     example_inputs=inputs.example_inputs)
+                                     example_inputs=inputs.example_inputs,
+                                     reconstruct=inputs.loader if args.reconstruct else None,
+                                     reconstruct_batches=args.max_batches, damping=args.damping,
+                                     reconstruct_loss_fn=inputs.loss_fn if args.reconstruct else None,
+                                     selection=args.selection)
     if output is not None:
         pyobc.save(pruned, output)
     if args.json:
@@ -310,7 +324,11 @@ def _report_json(report, output: Path | None, load_with: str) -> dict:
             "macs_before": report.macs_before, "macs_after": report.macs_after,
             "channels_before": report.channels_before, "channels_after": report.channels_after,
             "layers": [dataclasses.asdict(w) for w in report.layers],
-            "output": None if output is None else str(output), "load_with": load_with}
+            "output": None if output is None else str(output), "load_with": load_with,
+            "reconstruction": None if report.reconstruction is None else {
+                "seconds": report.reconstruction.seconds, "passes": report.reconstruction.passes,
+                "peak_bytes": report.reconstruction.peak_bytes,
+                "layers": [dataclasses.asdict(f) for f in report.reconstruction.layers]}}
 
 
 def _compare_cmd(args: argparse.Namespace) -> int:
@@ -334,7 +352,8 @@ def _compare_cmd(args: argparse.Namespace) -> int:
                                      example_inputs=inputs.example_inputs, max_batches=args.max_batches,
                                      scope=args.scope, device=_device(args.device), loss_fn=inputs.loss_fn,
                                      profile_ratio=args.profile_ratio, progress=args.progress, log=log,
-                                     method_options=dict(args.option or []))
+                                     method_options=dict(args.option or []), reconstruct=args.reconstruct,
+                                     damping=args.damping)
     result.title = inputs.label
     files, plot_error = _write_compare_files(result, out_dir, args.format, args.plot)
     if args.json:
@@ -523,6 +542,9 @@ def _add_demo_parser(sub: Any) -> None:
                       help="add the jacobian Equivalent Pruning row (default: yes)")
     demo.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                       help="torch intra-op threads (default: 1, the fastest on a busy or small CPU)")
+    demo.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
+                      help="also prune with least-squares reconstruction of the layers that lost inputs and report "
+                           "that accuracy (default: yes)")
     demo.add_argument("--json", action="store_true", help="rows as JSON on stdout")
     _progress_flag(demo)
     demo.set_defaults(func=_demo)
@@ -555,7 +577,8 @@ def _add_prune_parser(sub: Any) -> None:
                     "model with pyobc.save; load it with pyobc.load(<freshly built model>, FILE).",
         epilog="Examples:\n  pyobc prune --model resnet20 --method oba --ratio 0.5 --target macs --output pruned.pt\n"
                "  pyobc prune --model mypkg.nets:build --data mypkg.data:loader --scores scores.pt \\\n"
-               "      --ratio 0.3 --scope local --output pruned.pt --json",
+               "      --ratio 0.3 --scope local --output pruned.pt --json\n"
+               "  pyobc prune --model resnet20 --method taylor --ratio 0.5 --target macs --reconstruct -o pruned.pt",
         formatter_class=_FMT)
     prune.add_argument("--method", default=None, metavar="NAME", help="criterion (default: jacobian, or the "
                                                                       "method of --scores)")
@@ -568,6 +591,13 @@ def _add_prune_parser(sub: Any) -> None:
                             "global otherwise)")
     prune.add_argument("--round-to", type=_positive_int, default=None, metavar="N",
                        help="kept channel counts are multiples of N")
+    prune.add_argument("--reconstruct", action="store_true",
+                       help="refit the layers that lost inputs by least squares on --max-batches batches of --data "
+                            "so that their outputs match the unpruned model's")
+    prune.add_argument("--damping", type=_damping, default=0.01, help="reconstruction damping (0.01)")
+    prune.add_argument("--selection", choices=("scores", "obs", "scores*obs"), default="scores",
+                       help="rank channels by the scores (default), the structured OBS error, or both; the OBS "
+                            "ones need --reconstruct")
     prune.add_argument("--output", "-o", metavar="FILE", help="write the pruned model here (pyobc.save)")
     prune.add_argument("--json", action="store_true", help="machine-readable report")
     _model_args(prune)
@@ -602,6 +632,10 @@ def _add_compare_parser(sub: Any) -> None:
                       help="ratio of the per-layer profile (default: the ratio closest to 0.5)")
     comp.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                       help="write the PNG plots (default: yes; --no-plot writes the tables only)")
+    comp.add_argument("--reconstruct", action="store_true",
+                      help="also prune with least-squares reconstruction (calibrated on --max-batches batches of "
+                           "--data) and add its accuracy (column reconstructed_accuracy)")
+    comp.add_argument("--damping", type=_damping, default=0.01, help="reconstruction damping (0.01)")
     comp.add_argument("--json", action="store_true", help="results as JSON on stdout")
     _model_args(comp)
     comp.set_defaults(func=_compare_cmd)

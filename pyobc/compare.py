@@ -56,6 +56,8 @@ class CompareRow:
     params_after: int
     accuracy: float
     score_seconds: float
+    #: accuracy after the same pruning with ``reconstruct=`` (no fine-tuning); None when not measured
+    reconstructed_accuracy: float | None = None
 
 
 @dataclasses.dataclass
@@ -106,7 +108,8 @@ def run_compare(model: nn.Module, loader: Iterable, eval_loader: Iterable, metho
                 scope: str | None = None, device: str | torch.device | None = None,
                 loss_fn: Callable | None = None, profile_ratio: float | None = None,
                 progress: bool | None = None, log: TextIO | None = None,
-                method_options: dict[str, Any] | None = None) -> CompareResult:
+                method_options: dict[str, Any] | None = None, reconstruct: bool = False,
+                damping: float = 0.01) -> CompareResult:
     """Score ``model`` with every method, prune it at every ratio of MACs, evaluate each pruned copy.
 
     Args:
@@ -119,6 +122,9 @@ def run_compare(model: nn.Module, loader: Iterable, eval_loader: Iterable, metho
         device: score and evaluate on this device.
         profile_ratio: the ratio whose per-layer widths are kept (default: the ratio closest to 0.5).
         log: where to write one line per method as it finishes (None: nowhere).
+        reconstruct: also prune every (method, ratio) with ``pyobc.prune(..., reconstruct=loader)`` (the
+            layers that lost inputs refit on ``max_batches`` batches of ``loader``, ``damping`` as there) and
+            record that accuracy too (``reconstructed_accuracy``).
 
     Example:
         >>> # result = run_compare(model, train, test, ["oba", "jacobian"], [0.3, 0.5], example_inputs=x)
@@ -150,6 +156,12 @@ def run_compare(model: nn.Module, loader: Iterable, eval_loader: Iterable, metho
                                              example_inputs=example_inputs)
                 accuracy = _evaluate(pruned, eval_loader, dev)
                 result.rows.append(_row(result, method, method_scope, ratio, report, accuracy, seconds))
+                if reconstruct:
+                    rebuilt, _ = pyobc.prune(model, scores, ratio, scope=method_scope, target="macs",
+                                             example_inputs=example_inputs, reconstruct=loader,
+                                             reconstruct_batches=max_batches, reconstruct_loss_fn=loss_fn,
+                                             damping=damping)
+                    result.rows[-1].reconstructed_accuracy = _evaluate(rebuilt, eval_loader, dev)
                 if ratio == profile_ratio:
                     _record_kept(result, model, method, report)
                 if bar is not None:
@@ -187,7 +199,9 @@ def _log_method(log: TextIO, rows: Sequence[CompareRow]) -> None:
     first = rows[0]
     print(f"  {first.method}: scored in {first.score_seconds:.2f} s ({first.scope} scope); accuracy "
           + ", ".join(f"{r.accuracy:.1%}" for r in rows) + " at " + ", ".join(f"{r.target_ratio:g}" for r in rows)
-          + " of MACs removed", file=log, flush=True)
+          + " of MACs removed"
+          + ("" if first.reconstructed_accuracy is None else "; reconstructed "
+             + ", ".join(f"{r.reconstructed_accuracy:.1%}" for r in rows)), file=log, flush=True)
 
 
 def _copy_to(model: nn.Module, device: torch.device | None) -> nn.Module:
@@ -197,15 +211,17 @@ def _copy_to(model: nn.Module, device: torch.device | None) -> nn.Module:
 
 
 _COLUMNS = ("method", "scope", "target_ratio", "macs_removed", "params_removed", "macs_after", "params_after",
-            "accuracy", "score_seconds")
+            "accuracy", "reconstructed_accuracy", "score_seconds")
 
 
 def _table_rows(result: CompareResult) -> list[list[str]]:
     out = [["(unpruned)", "", "0", "0.0000", "0.0000", str(result.macs_before), str(result.params_before),
-            f"{result.baseline_accuracy:.4f}", ""]]
+            f"{result.baseline_accuracy:.4f}", "", ""]]
     for r in result.rows:
         out.append([r.method, r.scope, f"{r.target_ratio:g}", f"{r.macs_removed:.4f}", f"{r.params_removed:.4f}",
-                    str(r.macs_after), str(r.params_after), f"{r.accuracy:.4f}", f"{r.score_seconds:.3f}"])
+                    str(r.macs_after), str(r.params_after), f"{r.accuracy:.4f}",
+                    "" if r.reconstructed_accuracy is None else f"{r.reconstructed_accuracy:.4f}",
+                    f"{r.score_seconds:.3f}"])
     return out
 
 
@@ -231,7 +247,8 @@ def write_table(result: CompareResult, path: str | os.PathLike, fmt: str = "csv"
     """The comparison table, one row per (method, ratio) after an ``(unpruned)`` row, as CSV or Markdown.
 
     Columns: method, scope, target_ratio, macs_removed and params_removed (fractions actually removed),
-    macs_after (per sample), params_after, accuracy (without fine-tuning), score_seconds.
+    macs_after (per sample), params_after, accuracy (without fine-tuning), reconstructed_accuracy (the same
+    pruning with ``reconstruct=``, without fine-tuning; empty when not measured), score_seconds.
 
     Example:
         >>> # write_table(result, "out/compare.md", fmt="md")

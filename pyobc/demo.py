@@ -4,15 +4,17 @@ Takes ResNet-20 trained on the UCI digits (trained once, then cached), scores it
 (the evaluation-only ``oracle`` is left out unless asked for), physically removes channels until half of
 the MACs are gone (:func:`pyobc.prune` with ``target="macs"``; global scope, except ``magnitude`` whose
 scores are not comparable across layers and which therefore prunes every group alike), evaluates the pruned
-model, fine-tunes it briefly and evaluates it again. For ``jacobian`` (Optimal Brain Connection) it adds an
+model, fine-tunes it briefly and evaluates it again. With ``reconstruct`` (the default) it also prunes the same
+way with ``reconstruct=`` (:mod:`pyobc.pruning.reconstruct`: the layers that lost inputs refit by least squares
+on the scoring batches) and evaluates that without fine-tuning. For ``jacobian`` (Optimal Brain Connection) it adds an
 Equivalent Pruning row: the same channels removed through trainable adapters
 (:func:`pyobc.equivalent_prune`), fine-tuned with the adapters in their own parameter group, then folded
 (:func:`pyobc.fold`) into a plain model of the same size.
 
 One table: method, scoring time and its ratio to one forward+backward per batch, parameters and MACs
-after pruning, accuracy after pruning and after fine-tuning. ``quick=True`` (``pyobc demo --quick``) uses
-8x8 images, a 3-epoch model, 2 scoring batches and one fine-tuning epoch: well under a minute on 2 CPU
-cores, training included. Both presets run torch on one thread unless told otherwise (see
+after pruning, accuracy after pruning, after pruning with reconstruction, and after fine-tuning.
+``quick=True`` (``pyobc demo --quick``) uses 8x8 images, a 3-epoch model, 2 scoring batches and one
+fine-tuning epoch: well under a minute on 2 CPU cores, training included. Both presets run torch on one thread unless told otherwise (see
 :class:`DemoSettings`).
 """
 from __future__ import annotations
@@ -49,6 +51,8 @@ class DemoRow:
     macs_after: int = 0
     finetuned_accuracy: float | None = None
     scope: str = "global"
+    #: test accuracy after pruning with ``reconstruct=`` (no fine-tuning); None when not measured
+    reconstructed_accuracy: float | None = None
 
     def to_dict(self) -> dict:
         """The row as a plain dict (for JSON).
@@ -168,22 +172,24 @@ def format_table(rows: Sequence[DemoRow], baseline: float, params_before: int | 
     """The demo table as text (an ``(unpruned)`` line first).
 
     Example:
-        >>> table = format_table([DemoRow("taylor", 1.5, 3.0, 0.5, 1000, 2000, 0.9)], 0.99, 2000, 4000)
+        >>> table = format_table([DemoRow("taylor", 1.5, 3.0, 0.5, 1000, 2000, 0.9, reconstructed_accuracy=0.95)],
+        ...                      0.99, 2000, 4000)
         >>> table.splitlines()[2].split(), table.splitlines()[3].split()
-        (['(unpruned)', '2k', '4k', '99.00%'], ['taylor', '1.50', '3.00', '1k', '2k', '50.00%', '90.00%'])
+        (['(unpruned)', '2k', '4k', '99.00%'], ['taylor', '1.50', '3.00', '1k', '2k', '50.00%', '95.00%', '90.00%'])
     """
     head = (f"{'method':<14}{'score time (s)':>15}{'x fwd+bwd / batch':>19}{'params after':>14}"
-            f"{'MACs after':>12}{'acc pruned':>12}{'acc fine-tuned':>16}")
+            f"{'MACs after':>12}{'acc pruned':>12}{'acc pruned + reconstructed':>28}{'acc fine-tuned':>16}")
     lines = [head, "-" * len(head)]
     lines.append(f"{'(unpruned)':<14}{'':>15}{'':>19}"
                  f"{_fmt_count(params_before) if params_before else '':>14}"
-                 f"{_fmt_count(macs_before) if macs_before else '':>12}{baseline:>12.2%}{'':>16}")
+                 f"{_fmt_count(macs_before) if macs_before else '':>12}{baseline:>12.2%}{'':>28}{'':>16}")
     for r in rows:
         secs = "-" if r.seconds is None else f"{r.seconds:.2f}"
         ratio = "-" if r.per_batch_ratio is None else f"{r.per_batch_ratio:.2f}"
         ft = "-" if r.finetuned_accuracy is None else f"{r.finetuned_accuracy:.2%}"
+        rec = "-" if r.reconstructed_accuracy is None else f"{r.reconstructed_accuracy:.2%}"
         lines.append(f"{r.method:<14}{secs:>15}{ratio:>19}{_fmt_count(r.params_after):>14}"
-                     f"{_fmt_count(r.macs_after):>12}{r.accuracy:>12.2%}{ft:>16}")
+                     f"{_fmt_count(r.macs_after):>12}{r.accuracy:>12.2%}{rec:>28}{ft:>16}")
     return "\n".join(lines)
 
 
@@ -191,7 +197,7 @@ def run_demo(methods: Sequence[str] | None = None, *, ratio: float = 0.5, batche
              batch_size: int = 64, image_size: int | None = None, out: TextIO = sys.stdout,
              progress: bool | None = None, quick: bool = False, finetune_epochs: int | None = None,
              equivalent: bool = True, settings: DemoSettings | None = None,
-             threads: int | None = None) -> list[DemoRow]:
+             threads: int | None = None, reconstruct: bool = True) -> list[DemoRow]:
     """Run the demo and print its table to ``out``; returns the rows.
 
     Args:
@@ -201,6 +207,8 @@ def run_demo(methods: Sequence[str] | None = None, *, ratio: float = 0.5, batche
             torch intra-op threads for the run, restored afterwards).
         quick: the small preset (:meth:`DemoSettings.quick`) instead of the full one.
         equivalent: add the Equivalent Pruning row when ``jacobian`` (or ``obc``) is among the methods.
+        reconstruct: also measure the accuracy after pruning with ``reconstruct=`` (calibration: the scoring
+            batches), the column "acc pruned + reconstructed".
         progress: tqdm bars on stderr (None: when stderr is a terminal).
 
     Example:
@@ -218,7 +226,7 @@ def run_demo(methods: Sequence[str] | None = None, *, ratio: float = 0.5, batche
     if st.threads is not None:
         torch.set_num_threads(st.threads)
     try:
-        return _run(methods, ratio, st, quick, equivalent, out, progress)
+        return _run(methods, ratio, st, quick, equivalent, out, progress, reconstruct)
     finally:
         torch.set_num_threads(before)
 
@@ -235,6 +243,7 @@ class _DemoJob:
     settings: DemoSettings
     progress: bool | None
     out: TextIO
+    reconstruct: bool = True
 
     def tune_data(self) -> DataLoader:
         """Fine-tuning batches: the same order for every method, so the fine-tuned rows compare like for like."""
@@ -256,7 +265,7 @@ class _DemoJob:
 
 
 def _run(methods, ratio: float, st: DemoSettings, quick: bool, equivalent: bool, out: TextIO,
-         progress: bool | None) -> list[DemoRow]:
+         progress: bool | None, reconstruct: bool = True) -> list[DemoRow]:
     size = st.image_size
     print(f"pyobc {pyobc.__version__} demo{' (quick)' if quick else ''}: ResNet-20 on UCI digits ({size}x{size}), "
           f"removing {ratio:.0%} of the MACs, then {st.finetune_epochs} epoch(s) of fine-tuning", file=out, flush=True)
@@ -267,7 +276,7 @@ def _run(methods, ratio: float, st: DemoSettings, quick: bool, equivalent: bool,
     score_data = datasets.digits("train", batch_size=st.batch_size, image_size=size, channels=1, shuffle=False)
     test = datasets.digits("test", batch_size=256, image_size=size, channels=1)
     x, y = next(iter(score_data))
-    job = _DemoJob(model, score_data, test, x[:2], ratio, st, progress, out)
+    job = _DemoJob(model, score_data, test, x[:2], ratio, st, progress, out, reconstruct)
     fb = forward_backward_seconds(model.eval(), x, y)
     baseline = models.evaluate(model, test)
     params_before, macs_before = pyobc.count(model, job.example)
@@ -279,7 +288,9 @@ def _run(methods, ratio: float, st: DemoSettings, quick: bool, equivalent: bool,
     print(f"\nparams and MACs per sample after pruning; one forward+backward (batch {st.batch_size}): "
           f"{fb * 1000:.1f} ms; scoring used {st.batches} batch(es) and its time includes tracing the model's "
           f"coupled layers; fine-tuning: {st.finetune_epochs} epoch(s) on the train split, lr {st.finetune_lr:g}. "
-          f"+EP: the jacobian scores, pruned through Equivalent Pruning adapters, fine-tuned, then folded.",
+          f"+EP: the jacobian scores, pruned through Equivalent Pruning adapters, fine-tuned, then folded. "
+          f"Reconstructed: the layers that lost inputs refit by least squares on the {st.batches} scoring batch(es), "
+          f"no fine-tuning.",
           file=out)
     return rows
 
@@ -294,16 +305,29 @@ def _method_rows(job: _DemoJob, method: str, fb_seconds: float, equivalent: bool
     seconds = time.perf_counter() - t0
     pruned, report = pyobc.prune(job.model, scores, job.ratio, scope=scope, target="macs", example_inputs=job.example)
     acc = models.evaluate(pruned, job.test)
+    rec = _reconstructed_accuracy(job, scores, scope)
     job.tune(pruned)
     tuned = job.tuned_accuracy(pruned)
     # a data-free criterion (magnitude) runs no batch: no per-batch ratio
     per_batch = seconds / scores.batches / fb_seconds if scores.batches else None
-    rows = [DemoRow(method, seconds, per_batch, acc, report.params_after, int(report.macs_after or 0), tuned, scope)]
+    rows = [DemoRow(method, seconds, per_batch, acc, report.params_after, int(report.macs_after or 0), tuned, scope,
+                    rec)]
     job.say(f"  {method}: scored in {seconds:.2f} s; accuracy {acc:.2%} pruned"
+            + (f", {rec:.2%} pruned + reconstructed" if rec is not None else "")
             + (f", {tuned:.2%} fine-tuned" if tuned is not None else ""))
     if equivalent and name == "jacobian":
         rows.append(_equivalent_row(job, method, scores, scope))
     return rows
+
+
+def _reconstructed_accuracy(job: _DemoJob, scores: pyobc.Scores, scope: str) -> float | None:
+    """Test accuracy of the same pruning with ``reconstruct=`` the scoring batches (None when not asked for)."""
+    if not job.reconstruct:
+        return None
+    rebuilt, _ = pyobc.prune(job.model, scores, job.ratio, scope=scope, target="macs", example_inputs=job.example,
+                             reconstruct=job.score_data, reconstruct_batches=job.settings.batches,
+                             progress=job.progress)
+    return models.evaluate(rebuilt, job.test)
 
 
 def _equivalent_row(job: _DemoJob, method: str, scores: pyobc.Scores, scope: str) -> DemoRow:

@@ -64,7 +64,7 @@ def test_demo_quick_prints_every_method(cache):
         assert method in rows, f"{method} missing from\n{table}"
     assert "oracle" not in rows
     for col in ("score time (s)", "x fwd+bwd / batch", "params after", "MACs after", "acc pruned",
-                "acc fine-tuned"):
+                "acc pruned + reconstructed", "acc fine-tuned"):
         assert col in out
     # every fine-tuned accuracy is a percentage
     assert all(rows[m][-1].endswith("%") for m in default_methods())
@@ -135,6 +135,23 @@ def test_prune_scores_now_with_json(cache, tmp_path):
     assert n_params(pyobc.load(build_model(), out)) == report["params_after"]
 
 
+def test_prune_with_reconstruction_json(cache, tmp_path):
+    out = tmp_path / "pruned.pt"
+    result = run(["prune", *ENTRY, "--method", "taylor", "--max-batches", "2", "--ratio", "0.4", "--reconstruct",
+                  "--selection", "scores*obs", "--output", out, "--json"], cache)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    rec = report["reconstruction"]
+    assert report["method"] == "taylor*obs" and rec["layers"] and rec["passes"] > 0
+    assert all(f["error_after"] <= f["error_before"] * (1 + 1e-6) + 1e-9 for f in rec["layers"])
+    from cli_entry import build_model
+
+    assert n_params(pyobc.load(build_model(), out)) == report["params_after"]
+    bad = run(["prune", *ENTRY, "--ratio", "0.4", "--selection", "obs"], cache)
+    assert_one_line_error(bad)
+    assert "--reconstruct" in bad.stderr or "reconstruct=" in bad.stderr
+
+
 # -- compare ---------------------------------------------------------------------------------------------------
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -173,6 +190,19 @@ def test_compare_no_plot_writes_csv_rows(cache, tmp_path):
     assert len(data["rows"]) == 4 and data["profile_ratio"] == 0.4
     with open(out / "layer_profile.csv", newline="") as fh:
         assert next(csv.reader(fh)) == ["layer", "channels", "magnitude", "taylor"]
+
+
+def test_compare_reconstruct_adds_the_column(cache, tmp_path):
+    import csv
+
+    out = tmp_path / "cmp"
+    result = run(["compare", *ENTRY, "--methods", "taylor", "--ratios", "0.4", "--max-batches", "2",
+                  "--reconstruct", "--output-dir", out, "--no-plot"], cache)
+    assert result.returncode == 0, result.stderr
+    with open(out / "compare.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["reconstructed_accuracy"] == ""
+    assert 0.0 <= float(rows[1]["reconstructed_accuracy"]) <= 1.0
 
 
 def test_compare_without_matplotlib_writes_table_then_fails_clearly(cache, tmp_path):

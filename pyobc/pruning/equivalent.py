@@ -24,7 +24,7 @@ naive pruning would keep.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,7 @@ from ..model_state import unwrap_model
 from ..scoring.scores import Scores, model_signature
 from . import plan
 from .adapters import OBCAdapted
+from .reconstruct import calibration_for, not_refit, plan_targets, refit, selection_scores
 from .removal import plan_removal
 from .slicing import RULES, apply_remove
 
@@ -111,7 +112,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def equivalent_prune(model: nn.Module, scores: Scores, ratio: float, *, scope: str = "global",
                      ignored_layers: Sequence[nn.Module | str] = (), round_to: int | None = None,
                      max_layer_ratio: float = 0.95, target: str = "channels", example_inputs: Any = None,
-                     inplace: bool = False) -> nn.Module:
+                     inplace: bool = False, reconstruct: Iterable | None = None, reconstruct_batches: int | None = 8,
+                     damping: float = 0.01, reconstruct_loss_fn: Callable | None = None,
+                     selection: str = "scores", progress: bool | None = None) -> nn.Module:
     """Prune like :func:`pyobc.prune`, but through trainable adapters where the channel dim is internal.
 
     The channels removed are exactly those :func:`pyobc.prune` would remove with the same arguments. Groups
@@ -119,6 +122,12 @@ def equivalent_prune(model: nn.Module, scores: Scores, ratio: float, *, scope: s
     ``C``/``D`` adapters (selection matrices) and their norms cut to the kept channels; the other groups are
     cut physically. At initialisation the result computes exactly what the naively pruned model computes.
     Fine-tune it, then :func:`fold` it.
+
+    With ``reconstruct`` (and ``reconstruct_batches``, ``damping``, ``reconstruct_loss_fn``, ``selection``,
+    ``progress`` as in :func:`pyobc.prune`) the adapters start from a reconstructed model: every layer that
+    lost inputs gets the least-squares refit :func:`pyobc.prune` would give it, written into the live columns
+    of the full-width layer (the columns the input adapter ``D`` selects), so the result computes what
+    ``pyobc.prune(..., reconstruct=...)`` computes, and fine-tuning starts from there.
 
     Example:
         >>> import torch, pyobc
@@ -134,11 +143,15 @@ def equivalent_prune(model: nn.Module, scores: Scores, ratio: float, *, scope: s
         >>> #     {"params": pyobc.adapter_parameters(adapted), "lr": 0.01, "weight_decay": 0.0}])
         >>> plain = pyobc.fold(adapted)          # a plain VGG, half as wide
     """
+    cal = calibration_for(model, reconstruct, reconstruct_batches, reconstruct_loss_fn)
+    scores = selection_scores(model, scores, selection, cal, damping=damping, ignored_layers=ignored_layers,
+                              progress=progress)
     removal = plan_removal(model, scores, ratio, scope=scope, ignored_layers=ignored_layers, round_to=round_to,
                            max_layer_ratio=max_layer_ratio, target=target, example_inputs=example_inputs)
     model, remove = removal.model, removal.remove
     groups = list(scores.groups)
     out = model if inplace else copy.deepcopy(model)
+    dense = copy.deepcopy(model) if inplace and cal is not None else model
     adapted = {g.root: g for g in groups
                if remove.get(g.root) is not None and remove[g.root].numel() and qualifies(out, g) is None}
 
@@ -179,6 +192,10 @@ def equivalent_prune(model: nn.Module, scores: Scores, ratio: float, *, scope: s
         pre = _channel_map(layer, pm["pre"]) if "pre" in pm else None
         post = _channel_map(layer, pm["post"]) if "post" in pm else None
         _set_module(out, name, OBCAdapted(layer, pre, post))
+    if cal is not None:
+        dead = {r: remove[r] for r in adapted}
+        refit(dense, out, plan_targets(dense, out, groups, naive, dead), cal, damping=damping, progress=progress,
+              skipped=not_refit(groups, naive, dead))
     setattr(out, _PENDING, {"signature": pending_signature, "groups": list(adapted.values()), "keep": keep,
                             "example_inputs": example_inputs})
     return out

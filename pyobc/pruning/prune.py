@@ -13,11 +13,12 @@ the same fraction from every group and needs no comparability.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch.nn as nn
 
 from ..scoring.scores import Scores
+from .reconstruct import calibration_for, selection_scores
 from .removal import perform_removal, plan_removal
 from .report import PruneReport
 
@@ -27,7 +28,9 @@ __all__ = ["prune"]
 def prune(model: nn.Module, scores: Scores, ratio: float, *, scope: str = "global",
           ignored_layers: Sequence[nn.Module | str] = (), round_to: int | None = None,
           max_layer_ratio: float = 0.95, inplace: bool = False, compensate: bool = False,
-          target: str = "channels", example_inputs: Any = None) -> tuple[nn.Module, PruneReport]:
+          target: str = "channels", example_inputs: Any = None, reconstruct: Iterable | None = None,
+          reconstruct_batches: int | None = 8, damping: float = 0.01, reconstruct_loss_fn: Callable | None = None,
+          selection: str = "scores", progress: bool | None = None) -> tuple[nn.Module, PruneReport]:
     """Physically remove the lowest-scored channels; returns ``(pruned_model, report)``.
 
     Every member of a group is cut together (producer rows and biases, norm channels and running
@@ -50,6 +53,20 @@ def prune(model: nn.Module, scores: Scores, ratio: float, *, scope: str = "globa
             order until the reduction of that quantity, computed from the pruned shapes, reaches ``ratio``.
         example_inputs: inputs to measure MACs with (needed for ``target="macs"``; otherwise optional, the
             report then has no MACs). Also saved (one sample) in the plan, to rebuild groups on load.
+        reconstruct: calibration data (an iterable of batches, as for :func:`pyobc.score`). After cutting,
+            every conv/linear layer that lost input channels is refit by least squares so that its output on
+            these batches matches the unpruned model's (layers in forward order, so later layers also
+            compensate the residual error of earlier ones; biases absorb the mean shift): see
+            :mod:`pyobc.pruning.reconstruct`. ``report.reconstruction`` has each layer's error before/after.
+        reconstruct_batches: how many batches of ``reconstruct`` to use (None: all). They are held in memory.
+        damping: added to the diagonal of the kept inputs' second-moment matrix, relative to its mean.
+        reconstruct_loss_fn: ``loss_fn(model, batch)`` that runs the model on a batch (the
+            :func:`pyobc.score` contract); by default a batch is the inputs or an ``(inputs, ...)`` pair.
+        selection: ``"scores"`` ranks channels by ``scores``; ``"obs"`` by the structured OBS error (what the
+            refit cannot undo, relative to each consumer's output energy); ``"scores*obs"`` by the scores
+            times the fraction of the plain removal error that the refit cannot undo. Both need
+            ``reconstruct``; the chosen removal is then reconstructed.
+        progress: progress bars for reconstruction (None: when stderr is a terminal).
 
     Groups feeding attention keep equal head widths: every head loses the same number of channels, and the
     kept count is a multiple of ``group.divisor``. The plan of the call is appended to ``pruned.pyobc_plan``
@@ -69,6 +86,10 @@ def prune(model: nn.Module, scores: Scores, ratio: float, *, scope: str = "globa
         >>> small(x).shape, report.channels_after / report.channels_before
         (torch.Size([2, 10]), 0.5)
     """
+    cal = calibration_for(model, reconstruct, reconstruct_batches, reconstruct_loss_fn)
+    scores = selection_scores(model, scores, selection, cal, damping=damping, ignored_layers=ignored_layers,
+                              progress=progress)
     removal = plan_removal(model, scores, ratio, scope=scope, ignored_layers=ignored_layers, round_to=round_to,
                            max_layer_ratio=max_layer_ratio, target=target, example_inputs=example_inputs)
-    return perform_removal(removal, inplace=inplace, compensate=compensate)
+    return perform_removal(removal, inplace=inplace, compensate=compensate, calibration=cal, damping=damping,
+                           progress=progress)

@@ -12,6 +12,7 @@ from ..api import score
 from ..model_state import unwrap_model
 from .counting import count_params, macs_from, tensor_shapes, trace_costs
 from .ignored import is_ignored, resolve_ignored
+from .reconstruct import calibration_for, check_selection, selection_scores
 from .removal import perform_removal, plan_removal
 from .report import PruneReport
 from .validation import check_prune_options
@@ -38,6 +39,9 @@ class Pruner:
         finetune: optional callback ``finetune(model, step)`` (step counts from 1).
         scope, target, ignored_layers, round_to, max_layer_ratio, compensate, example_inputs: as in
             :func:`pyobc.prune`.
+        reconstruct, reconstruct_batches, damping, reconstruct_loss_fn, selection: as in :func:`pyobc.prune`:
+            every step refits the layers that lost inputs against the model as it was before that step (the
+            calibration batches are read once and kept).
         **score_kwargs: passed to :func:`pyobc.score` (``max_batches``, ``loss_fn``, criterion options...).
 
     Example:
@@ -55,7 +59,9 @@ class Pruner:
                  schedule: str = "linear", finetune: Callable[[nn.Module, int], Any] | None = None,
                  scope: str = "global", target: str = "channels", ignored_layers: Sequence[nn.Module | str] = (),
                  round_to: int | None = None, max_layer_ratio: float = 0.95, compensate: bool = False,
-                 example_inputs: Any = None, inplace: bool = False, **score_kwargs: Any):
+                 example_inputs: Any = None, inplace: bool = False, reconstruct: Iterable | None = None,
+                 reconstruct_batches: int | None = 8, damping: float = 0.01,
+                 reconstruct_loss_fn: Callable | None = None, selection: str = "scores", **score_kwargs: Any):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if schedule not in SCHEDULES:
@@ -76,6 +82,9 @@ class Pruner:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             example_inputs = x[:2] if isinstance(x, torch.Tensor) else None
         self.example_inputs = example_inputs
+        self.calibration = calibration_for(self.model, reconstruct, reconstruct_batches, reconstruct_loss_fn)
+        self.damping, self.selection = damping, selection
+        check_selection(selection, self.calibration, damping)
         self.reports: list[PruneReport] = []
         self.step_count = 0
         self._original: float | None = None
@@ -104,6 +113,8 @@ class Pruner:
             raise RuntimeError(f"all {self.steps} steps are done")
         scores = score(self.model, self.loader, self.method, **self.score_kwargs)
         now = self._quantity(scores)
+        scores = selection_scores(self.model, scores, self.selection, self.calibration, damping=self.damping,
+                                  ignored_layers=self.ignored_layers)
         if self._original is None:
             self._original = now
             self._original_sizes = {g.root: g.size for g in scores.groups}
@@ -116,7 +127,8 @@ class Pruner:
         removal = plan_removal(self.model, scores, step_ratio, scope=self.scope, ignored_layers=self.ignored_layers,
                                round_to=self.round_to, max_layer_ratio=1.0, target=self.target,
                                example_inputs=self.example_inputs, min_keep=min_keep)
-        self.model, report = perform_removal(removal, inplace=True, compensate=self.compensate)
+        self.model, report = perform_removal(removal, inplace=True, compensate=self.compensate,
+                                             calibration=self.calibration, damping=self.damping)
         self.step_count = t
         self.reports.append(report)
         if self.finetune is not None:

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import PrunedModelError
 from ..grouping import Group
 from ..masking import removed_mask
 from ..model_state import unwrap_model
@@ -33,9 +34,10 @@ from ..scoring.scores import Scores, model_signature
 from . import plan
 from .counting import LayerCost, count_params, macs_from, tensor_shapes, trace_costs
 from .ignored import is_ignored, resolve_ignored
+from .reconstruct import Calibration, not_refit, plan_targets, refit
 from .report import LayerWidth, PruneReport
 from .selection import choose, target_measure
-from .slicing import apply_remove
+from .slicing import apply_remove, broken_model_message
 from .validation import check_prune_options, check_scores
 
 __all__ = ["Removal", "plan_removal", "perform_removal"]
@@ -103,10 +105,13 @@ def _compensate(model: nn.Module, groups: Sequence[Group], remove: Mapping[str, 
                 layer.bias.add_(shift[:, cols].sum(1).to(layer.bias.device, layer.bias.dtype))
 
 
-def perform_removal(removal: Removal, *, inplace: bool = False,
-                    compensate: bool = False) -> tuple[nn.Module, PruneReport]:
+def perform_removal(removal: Removal, *, inplace: bool = False, compensate: bool = False,
+                    calibration: Calibration | None = None, damping: float = 0.01,
+                    progress: bool | None = None) -> tuple[nn.Module, PruneReport]:
     """Cut ``removal.remove`` from the model (a copy unless ``inplace``), record the step in the model's
-    pruning plan and return ``(pruned model, report)`` (``compensate`` as in :func:`pyobc.prune`)."""
+    pruning plan and return ``(pruned model, report)`` (``compensate`` as in :func:`pyobc.prune`). With a
+    ``calibration``, the layers that lost input channels are then refit against the unpruned model
+    (:mod:`pyobc.pruning.reconstruct`; with ``inplace`` a copy of the unpruned model is kept meanwhile)."""
     model, scores, remove, costs = removal.model, removal.scores, removal.remove, removal.costs
     groups = list(scores.groups)
     signature = model_signature(model)
@@ -114,6 +119,7 @@ def perform_removal(removal: Removal, *, inplace: bool = False,
     macs_before = macs_from(costs, tensor_shapes(model)) if costs is not None else None
 
     out = model if inplace else copy.deepcopy(model)
+    dense = copy.deepcopy(model) if inplace and calibration is not None else model
     if compensate:
         _compensate(out, groups, remove, scores)
     apply_remove(out, groups, remove)
@@ -126,9 +132,18 @@ def perform_removal(removal: Removal, *, inplace: bool = False,
     plan.record(out, signature, groups, keep, removal.example_inputs)
     macs_after = None
     if removal.example_inputs is not None:  # also checks that the pruned model runs
-        macs_after = macs_from(trace_costs(out, removal.example_inputs), tensor_shapes(out))
+        try:
+            costs_after = trace_costs(out, removal.example_inputs)
+        except RuntimeError as e:
+            raise PrunedModelError(broken_model_message(e, groups, remove)) from e
+        macs_after = macs_from(costs_after, tensor_shapes(out))
+    reconstruction = None
+    if calibration is not None:  # after the check above: a broken cut is reported as such, not as a refit error
+        reconstruction = refit(dense, out, plan_targets(dense, out, groups, remove), calibration, damping=damping,
+                               progress=progress, skipped=not_refit(groups, remove))
     report = PruneReport(method=scores.method, ratio=removal.ratio, scope=removal.scope, target=removal.target,
                          params_before=params_before, params_after=count_params(out), macs_before=macs_before,
                          macs_after=macs_after, layers=layers,
-                         removed={r: v.clone() for r, v in remove.items() if v.numel()}, compensated=compensate)
+                         removed={r: v.clone() for r, v in remove.items() if v.numel()}, compensated=compensate,
+                         reconstruction=reconstruction)
     return out, report

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -58,6 +59,8 @@ class PruneReport:
     layers: list[LayerWidth]
     removed: dict[str, torch.Tensor]
     compensated: bool = False
+    #: a :class:`~pyobc.pruning.reconstruct.ReconstructionReport` when the call refit layers, else None
+    reconstruction: Any = None
     counter: str = "pyobc forward hooks: conv, linear, attention"
 
     @property
@@ -87,6 +90,8 @@ class PruneReport:
             lines.append(f"| {r.root} | {r.kept} | {r.total} | {r.kept / max(1, r.total):.0%} |")
         lines.append("")
         lines.append(f"(MACs counted by {self.counter})")
+        if self.reconstruction is not None:
+            lines += ["", str(self.reconstruction)]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
