@@ -16,12 +16,27 @@ Example:
 """
 from __future__ import annotations
 
-__all__ = ["EmptyLoaderError", "DistributedScoringError", "ConfigMismatchError", "EmptyShardError",
-           "PeerFailedError"]
+__all__ = ["EmptyLoaderError", "ModelRunError", "GroupSearchTimeout", "PrunedModelError", "DistributedScoringError",
+           "ConfigMismatchError", "EmptyShardError", "PeerFailedError"]
 
 
 class EmptyLoaderError(ValueError):
     """Raised by :func:`pyobc.score` when the loader yields no batches (in any mode)."""
+
+
+class ModelRunError(ValueError):
+    """Running the user's model (or ``loss_fn``) on the first batch failed: the message names the model,
+    the input shapes and the original error, which is chained as ``__cause__``."""
+
+
+class GroupSearchTimeout(RuntimeError):
+    """Finding the coupled channels (Torch-Pruning's group search) ran past its time budget; the message
+    names the model and the layer it was at, and suggests ``ignored_layers``."""
+
+
+class PrunedModelError(RuntimeError):
+    """A pruned model failed its check forward on the example inputs; the message names the module that
+    failed and the ``ignored_layers`` that avoid it. The broken model is never returned."""
 
 
 class DistributedScoringError(RuntimeError):

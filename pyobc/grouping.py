@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
+from .attention_heads import HeadLayout, attention_layers, head_layouts, int_width_layers
+from . import grouping_cache
+from .grouping_search import SEARCH_SECONDS, search_groups
+from .layers import CONV, LINEAR, is_transposed_linear
 from .model_state import preserved_state, unwrap_model
+from .nested import tensors_in
 
-__all__ = ["IN_AXIS", "Slice", "Member", "Group", "build_groups"]
+__all__ = ["IN_AXIS", "Slice", "Member", "Group", "build_groups", "canonical_parameter_names"]
 
 #: Axis tag for "input channels" of a conv/linear weight: axis 1, expanded by the layer's ``groups``
 #: (for a grouped conv, input channel ``g*I_g + j`` lives at ``weight[g*O_g:(g+1)*O_g, j]``).
@@ -140,7 +145,12 @@ def _slices_for(kind: str, module: nn.Module, name: str, index: torch.Tensor, ro
         if getattr(module, attr, None) is not None:
             out.append(Slice(p(attr), axis, idx, root, groups))
 
-    if kind == "out" or kind == "depthwise":
+    if kind == "out" and is_transposed_linear(module):  # weight (in, out)
+        add("weight", 1)
+        add("bias", 0)
+    elif kind == "in" and is_transposed_linear(module):
+        add("weight", 0)
+    elif kind == "out" or kind == "depthwise":
         add("weight", 0)
         add("bias", 0)
     elif kind == "in":
@@ -182,6 +192,7 @@ def _member_kind(tp_function: Any, pruner: Any, is_out: bool) -> str | None:
     """Map a Torch-Pruning pruner to a member kind; None for parameter-free nodes (adds, reshapes...)."""
     f = tp_function
     table = [
+        (_transposed_linear_pruner(f), "out" if is_out else "in"),
         (f.DepthwiseConvPruner, "depthwise"),
         (f.ConvPruner, "out" if is_out else "in"),
         (f.LinearPruner, "out" if is_out else "in"),
@@ -217,8 +228,56 @@ def _feeds_output(tp: Any, node: Any) -> bool:
         seen.add(id(n))
         if isinstance(n.module, tp.ops._OutputOp) or not n.outputs:
             return True
-        stack.extend(o for o in n.outputs if isinstance(o.module, dummy))
+        stack.extend(o for o in n.outputs if isinstance(o.module, dummy + (tp.ops._OutputOp,)))
     return False
+
+
+_PRUNER_CACHE: dict[str, type] = {}
+
+
+def _transposed_linear_pruner(tp_function: Any) -> type:
+    """Torch-Pruning's description of a transposed linear layer (Hugging Face ``Conv1D``, see
+    :func:`pyobc.layers.is_transposed_linear`): channel counts only, pyobc cuts layers itself."""
+    if "cls" not in _PRUNER_CACHE:
+        class TransposedLinearPruner(tp_function.BasePruningFunc):
+            def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+                raise NotImplementedError("pyobc cuts layers itself (pyobc.pruning.slicing)")
+
+            def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+                raise NotImplementedError("pyobc cuts layers itself (pyobc.pruning.slicing)")
+
+            def get_out_channels(self, layer: nn.Module) -> int:
+                return int(layer.weight.shape[1])
+
+            def get_in_channels(self, layer: nn.Module) -> int:
+                return int(layer.weight.shape[0])
+
+        _PRUNER_CACHE["cls"] = TransposedLinearPruner
+    return _PRUNER_CACHE["cls"]
+
+
+def _call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on ``inputs`` as pyobc calls it everywhere: a dict is keywords, a tuple/list positional."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _outputs_forward(forward_fn: Callable | None) -> Callable:
+    """A forward function for the tracer that returns every tensor the model returns (inside tuples, dicts,
+    ``ModelOutput``...) that depends on its parameters, each through a view of its own, so that each
+    becomes an output node of the graph: the layers producing them (the logits, also when the model
+    computes its loss itself from ``labels=``) are never pruned."""
+    def forward(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+        out = forward_fn(model, inputs) if forward_fn is not None else _call_model(model, inputs)
+        found = [t for t in tensors_in(out) if t.grad_fn is not None]
+        if not found:
+            raise ValueError(f"{type(model).__name__} returned no tensor that depends on its parameters "
+                             f"(got {type(out).__name__}): pyobc cannot trace its layers")
+        return [t.view_as(t) for t in found]
+    return forward
 
 
 def build_groups(
@@ -228,29 +287,71 @@ def build_groups(
     ignored_layers: Sequence[nn.Module | str] = (),
     forward_fn: Any = None,
     called: set[str] | None = None,
+    progress: bool = False,
+    seconds: float = SEARCH_SECONDS,
+    cache: bool = True,
 ) -> list[Group]:
     """Find the prunable groups of ``model`` with Torch-Pruning's DependencyGraph.
 
-    Layers whose out-channels are model outputs (classifier heads) are not prunable and get no group.
-    ``ignored_layers`` (modules or qualified names) removes every group that would prune them.
+    Layers whose out-channels are model outputs are not prunable and get no group: every tensor the
+    model returns counts (inside tuples, dicts and ``ModelOutput``), so the logits stay whole also when
+    the model computes its loss itself (``model(input_ids, labels=...)``). ``ignored_layers`` (modules or
+    qualified names) removes every group that would prune them. Groups are also left out, with a
+    warning that names them, when they would change the widths of an attention module that keeps its
+    head layout in ``int`` attributes (:mod:`pyobc.attention_heads`), or when Torch-Pruning gave channel
+    indices outside a tensor's shape. Tied parameters (``lm_head.weight is embed.weight``) are named by
+    their first name in ``model.named_parameters()`` and appear once per group. A Hugging Face model's
+    ``config.use_cache`` is turned off while tracing (and restored): the key/value cache is not a channel.
     The model's train/eval flags, parameters and ``.grad`` are left as they were. If ``called`` is a
     set, the names of the modules the tracing forward pass called are added to it (a module can own
     parameters that another module reads directly, like ``nn.MultiheadAttention.out_proj``).
+    The group search is bounded (:mod:`pyobc.grouping_search`): ``progress`` shows a bar over the root
+    layers, a root whose index lists explode is refused (and named in the warning), and a search longer
+    than ``seconds`` raises :class:`~pyobc.errors.GroupSearchTimeout`. Groups are cached per
+    model structure (:mod:`pyobc.grouping_cache`; ``cache=False`` traces anew).
 
     Raises:
         ValueError: the model has no prunable layer.
         NotImplementedError: a group contains a layer type pyobc cannot score (named in the message).
     """
-    import torch_pruning as tp  # imported on first use: it takes a second to import
-
     model = unwrap_model(model)
     ignored = _ignored_ids(model, ignored_layers)
-    dg, seen = _trace(tp, model, example_inputs, forward_fn)
+    key = None
+    if cache:
+        ignored_names = [n for n, m in model.named_modules() if id(m) in ignored]
+        key = grouping_cache.structure_key(model, example_inputs, forward_fn, ignored_names, seconds)
+    hit = grouping_cache.lookup(key) if key is not None else None
+    if hit is None:
+        hit = _build(model, example_inputs, ignored, forward_fn, progress, seconds)
+        if key is not None:
+            grouping_cache.store(key, hit)
+    groups, seen, message = hit
     if called is not None:
         called |= seen
-    converter = _GroupConverter(tp, dg, model, ignored)
-    groups = [g for tp_group in dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear))
-              if (g := converter.convert(tp_group)) is not None]
+    if message:
+        warnings.warn(message, stacklevel=2)
+    return list(groups)
+
+
+def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn: Any, progress: bool,
+           seconds: float) -> tuple[tuple[Group, ...], frozenset[str], str]:
+    """:func:`build_groups` without the cache: (groups, names of the modules the forward called, the
+    warning to give, '' for none)."""
+    import torch_pruning as tp  # imported on first use: it takes a second to import
+    from torch_pruning.pruner import function as tp_function
+
+    protected = {**int_width_layers(model), **attention_layers(model)}
+    transposed = {type(m) for m in model.modules() if is_transposed_linear(m)}
+    pruner = _transposed_linear_pruner(tp_function)()
+    dg, seen = _trace(tp, model, example_inputs, forward_fn, {t: pruner for t in transposed})
+    converter = _GroupConverter(tp, tp_function, dg, model, ignored, protected)
+    modules = dict(model.named_modules())
+    skip_roots = [modules[n] for n in protected] + [m for m in model.modules() if id(m) in ignored]
+    tp_groups, converter.skipped["search"] = search_groups(
+        dg, model, converter.names, CONV + LINEAR + tuple(transposed), skip_roots, seconds=seconds,
+        progress=progress)
+    groups = [g for tp_group in tp_groups if (g := converter.convert(tp_group)) is not None]
+    groups += converter.head_groups(model, seen)
     if converter.unsupported:
         raise NotImplementedError(
             "pyobc cannot score these layers, which are coupled to prunable channels: "
@@ -259,8 +360,8 @@ def build_groups(
     if not groups:
         raise ValueError(
             f"{type(model).__name__} has no prunable layer: pyobc prunes the out-channels of conv and "
-            "linear layers that do not produce the model's output")
-    return groups
+            "linear layers that do not produce the model's output" + converter.summary())
+    return tuple(groups), frozenset(seen), converter.message()
 
 
 def _ignored_ids(model: nn.Module, ignored_layers: Sequence[nn.Module | str]) -> set[int]:
@@ -278,33 +379,87 @@ def _ignored_ids(model: nn.Module, ignored_layers: Sequence[nn.Module | str]) ->
     return ignored
 
 
-def _trace(tp: Any, model: nn.Module, example_inputs: Any, forward_fn: Any) -> tuple[Any, set[str]]:
+def _trace(tp: Any, model: nn.Module, example_inputs: Any, forward_fn: Any,
+           customized: dict[type, Any]) -> tuple[Any, set[str]]:
     """Torch-Pruning's DependencyGraph of ``model``, and the names of the modules the forward called."""
     seen: set[str] = set()
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.add(n)) for n, m in model.named_modules()]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
     try:
+        if use_cache:  # a Hugging Face key/value cache concatenates along the sequence: not channels
+            config.use_cache = False
         with preserved_state(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns about every unwrapped parameter
             with torch.enable_grad():
                 dg = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_inputs, forward_fn=forward_fn, verbose=False)
+                    model, example_inputs=example_inputs, forward_fn=_outputs_forward(forward_fn), verbose=False,
+                    customized_pruners=customized or None)
     finally:
+        if use_cache:
+            config.use_cache = use_cache
         for h in handles:
             h.remove()
     return dg, seen
 
 
+def canonical_parameter_names(model: nn.Module) -> dict[str, str]:
+    """Every name of every parameter (tied ones have several) -> its first name in ``named_parameters()``.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+        >>> head.weight = emb.weight
+        >>> canonical_parameter_names(nn.ModuleDict({"emb": emb, "head": head}))
+        {'emb.weight': 'emb.weight', 'head.weight': 'emb.weight'}
+    """
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return out
+
+
+def _axis_length(shape: tuple[int, ...], sl: Slice) -> int:
+    """How many positions ``sl`` can index in a tensor of ``shape``."""
+    if sl.axis == IN_AXIS:
+        return int(shape[1]) * sl.groups
+    return int(shape[sl.axis]) if len(shape) else 1
+
+
+def _dedup_slices(members: list[Member]) -> list[Member]:
+    """The members with every slice that an earlier member already lists (a tied tensor reached twice)
+    removed; the member itself stays (its module's attributes still follow the cut)."""
+    seen: set[tuple] = set()
+    out = []
+    for m in members:
+        kept = []
+        for sl in m.slices:
+            axis = 1 if sl.axis == IN_AXIS and sl.groups == 1 else sl.axis
+            key = (sl.param, axis, tuple(sl.index.tolist()), tuple(sl.root.tolist()))
+            if key not in seen:
+                seen.add(key)
+                kept.append(sl)
+        out.append(m if len(kept) == len(m.slices) else dataclasses.replace(m, slices=tuple(kept)))
+    return out
+
+
 class _GroupConverter:
     """Turns Torch-Pruning groups of one model into :class:`Group` records; collects the names of
-    coupled layers pyobc cannot score in :attr:`unsupported`."""
+    coupled layers pyobc cannot score in :attr:`unsupported`, and the groups it leaves out (attention
+    widths, out-of-range indices) in :attr:`skipped`."""
 
-    def __init__(self, tp: Any, dg: Any, model: nn.Module, ignored: set[int]):
-        from torch_pruning.pruner import function as tp_function
-
+    def __init__(self, tp: Any, tp_function: Any, dg: Any, model: nn.Module, ignored: set[int],
+                 protected: dict[str, str]):
         self.tp, self.tp_function, self.dg, self.ignored = tp, tp_function, dg, ignored
+        self.protected = protected
         self.names = {id(m): n for n, m in model.named_modules()}
         self.param_names = {id(p): n for n, p in model.named_parameters()}
+        self.canonical = canonical_parameter_names(model)
+        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.unsupported: set[str] = set()
+        self.skipped: dict[str, list[str]] = {"attention": [], "indices": [], "search": []}
+        self.heads: list[str] = []
 
     def convert(self, tp_group: Any) -> Group | None:
         """The group, or None when it must not be pruned (an ignored layer, a model output) or is empty."""
@@ -322,8 +477,64 @@ class _GroupConverter:
         if not members:
             return None
         root_member = members[0]
+        if self._refused(root_member.module, members):
+            return None
         size = int(root_member.root.max().item()) + 1 if root_member.root.numel() else 0
-        return Group(root=root_member.module, size=size, members=tuple(members), divisor=divisor)
+        return Group(root=root_member.module, size=size, members=tuple(_dedup_slices(members)), divisor=divisor)
+
+    def _refused(self, root: str, members: list[Member]) -> bool:
+        """Whether the group touches an attention module's projections or indexes outside a tensor
+        (recorded in :attr:`skipped`)."""
+        attention = sorted({self.protected[m.module] for m in members if m.module in self.protected})
+        if attention:
+            self.skipped["attention"].append(f"{root} (widths of {', '.join(attention)})")
+            return True
+        for m in members:
+            for sl in m.slices:
+                n = _axis_length(self.shapes[sl.param], sl)
+                if sl.index.numel() and (int(sl.index.min()) < 0 or int(sl.index.max()) >= n):
+                    self.skipped["indices"].append(
+                        f"{root} (Torch-Pruning indexed {sl.param} up to {int(sl.index.max())} along an axis "
+                        f"of {n}, member {m.module} ({m.module_type}))")
+                    return True
+        return False
+
+    def head_groups(self, model: nn.Module, seen: set[str]) -> list[Group]:
+        """One group per attention module whose whole heads pyobc can prune (:func:`_head_group`), for
+        the modules the forward called and no ignored layer touches."""
+        out = []
+        for h in head_layouts(model):
+            names = (h.module, h.qkv, h.proj)
+            if h.module in seen and not any(id(model.get_submodule(n)) in self.ignored for n in names):
+                out.append(_head_group(model, h, self.canonical))
+                self.heads.append(h.module)
+        return out
+
+    def summary(self) -> str:
+        """The groups left out, as sentences for messages ('' when none)."""
+        parts = []
+        modules = sorted({name or "<model>" for name in self.protected.values()})
+        if self.skipped["attention"]:
+            parts.append("; groups left whole because they would change attention widths: "
+                         + ", ".join(self.skipped["attention"]))
+        if modules:
+            parts.append(f"; the widths of {len(modules)} module(s) that keep head layouts or widths in int "
+                         "attributes are left whole (attention projections, layers of that width, and every group "
+                         "coupled to them): " + ", ".join(modules[:8]) + (", ..." if len(modules) > 8 else "")
+                         + (f"; {len(self.heads)} of them lose whole heads instead" if self.heads else ""))
+        if self.skipped["indices"]:
+            parts.append("; groups refused because Torch-Pruning's channel indices fall outside the tensors: "
+                         + ", ".join(self.skipped["indices"]))
+        if self.skipped["search"]:
+            parts.append("; groups refused because Torch-Pruning's index lists exploded (reshapes that fold "
+                         "positions into channels) when rooted at: " + ", ".join(self.skipped["search"]))
+        return "".join(parts)
+
+    def message(self) -> str:
+        """One warning naming the groups left out ('' when none)."""
+        if self.protected or any(self.skipped.values()):
+            return "pyobc: " + self.summary()[2:]
+        return ""
 
     def _member(self, item: Any) -> Member | object | None:
         """One Torch-Pruning dependency as a :class:`Member`; None to leave it out; :data:`_SKIP_GROUP`
@@ -348,8 +559,31 @@ class _GroupConverter:
         if kind in ("out", "depthwise", "attention", "norm") and _feeds_output(self.tp, dep.target):
             return _SKIP_GROUP  # removing these channels would change the model's output shape
         index, root = _long(item.idxs), _long(item.root_idxs)
-        slices = _slices_for(kind, target, name, index, root, pruning_dim=dep.target.pruning_dim)
+        slices = [dataclasses.replace(sl, param=self.canonical.get(sl.param, sl.param))
+                  for sl in _slices_for(kind, target, name, index, root, pruning_dim=dep.target.pruning_dim)]
         return Member(name, kind, module_type, index, root, tuple(slices)) if slices else None
+
+
+def _head_group(model: nn.Module, h: HeadLayout, canonical: dict[str, str]) -> Group:
+    """The group whose channels are the heads of one fused attention module (see
+    :func:`pyobc.attention_heads.fused_head_layout`): each head's q, k and v rows of ``qkv``, its columns of
+    ``proj``, and a ``heads`` member for the module's own ``num_heads``/``attn_dim``."""
+    width = h.num_heads * h.head_dim
+    cols = torch.arange(width)
+    col_head = cols // h.head_dim
+    rows = torch.cat([cols + k * width for k in range(3)])
+    row_head = col_head.repeat(3)
+    name = (lambda layer, attr: canonical.get(f"{layer}.{attr}", f"{layer}.{attr}"))
+    qkv_slices = [Slice(name(h.qkv, "weight"), 0, rows, row_head)]
+    if model.get_submodule(h.qkv).bias is not None:
+        qkv_slices.append(Slice(name(h.qkv, "bias"), 0, rows, row_head))
+    heads = torch.arange(h.num_heads)
+    members = (
+        Member(h.qkv, "out", "Linear", rows, row_head, tuple(qkv_slices)),
+        Member(h.proj, "in", "Linear", cols, col_head, (Slice(name(h.proj, "weight"), IN_AXIS, cols, col_head),)),
+        Member(h.module, "heads", type(model.get_submodule(h.module)).__name__, heads, heads, ()),
+    )
+    return Group(root=h.qkv, size=h.num_heads, members=members)
 
 
 #: returned by :meth:`_GroupConverter._member` for a dependency that makes its whole group unprunable

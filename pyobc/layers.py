@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 __all__ = ["CONV", "LINEAR", "WEIGHT_LAYERS", "BATCH_NORMS", "INSTANCE_NORMS", "STATISTICS_NORMS", "NORMS",
-           "is_weight_layer"]
+           "is_weight_layer", "is_transposed_linear", "is_prunable_layer", "is_grouped_conv"]
 
 #: every convolution (``Conv1d/2d/3d`` and the transposed ones; check ``.transposed`` where it matters)
 CONV = (nn.modules.conv._ConvNd,)
@@ -37,3 +37,49 @@ NORMS = STATISTICS_NORMS + (nn.LayerNorm,)
 def is_weight_layer(module: nn.Module) -> bool:
     """A linear layer or a (non-transposed) convolution: the layers that own out/in channels."""
     return isinstance(module, LINEAR) or (isinstance(module, CONV) and not module.transposed)
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A dense layer that stores its weight as ``(in, out)`` and computes ``y = x W + b``: Hugging Face's
+    ``Conv1D`` (GPT-2, GPT, CTRL...), recognised by its class name and attributes (``nf`` outputs,
+    ``nx`` inputs) so that pyobc never imports transformers.
+
+    Its output channels are axis 1 of the weight and its input channels axis 0.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> class Conv1D(nn.Module):  # the shape of transformers.pytorch_utils.Conv1D
+        ...     def __init__(self, nf, nx):
+        ...         super().__init__()
+        ...         self.nf, self.nx = nf, nx
+        ...         self.weight = nn.Parameter(torch.zeros(nx, nf))
+        ...         self.bias = nn.Parameter(torch.zeros(nf))
+        >>> is_transposed_linear(Conv1D(3, 2)), is_transposed_linear(nn.Linear(2, 3))
+        (True, False)
+    """
+    if type(module).__name__ != "Conv1D" or not isinstance(getattr(module, "nf", None), int):
+        return False
+    w = getattr(module, "weight", None)
+    return isinstance(w, nn.Parameter) and w.dim() == 2 and tuple(w.shape) == (module.nx, module.nf)
+
+
+def is_prunable_layer(module: nn.Module) -> bool:
+    """A layer whose out-channels pyobc can prune: :func:`is_weight_layer` or :func:`is_transposed_linear`.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> is_prunable_layer(nn.Conv2d(2, 4, 3)), is_prunable_layer(nn.LayerNorm(4))
+        (True, False)
+    """
+    return is_weight_layer(module) or is_transposed_linear(module)
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A convolution with ``1 < groups`` that is not depthwise (``groups`` differs from its in-channels).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> is_grouped_conv(nn.Conv2d(8, 8, 3, groups=2)), is_grouped_conv(nn.Conv2d(8, 8, 3, groups=8))
+        (True, False)
+    """
+    return isinstance(module, CONV) and module.groups > 1 and module.groups != module.in_channels

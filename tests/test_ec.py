@@ -647,3 +647,24 @@ def test_options_and_persistence(tmp_path):
     # the empirical Fisher differs from the Gauss-Newton curvature
     g = pyobc.score(model, [(x, y)], "ec", granularity="weight")
     assert not torch.allclose(g.by_parameter()["fc1.weight"], s.by_parameter()["fc1.weight"])
+
+
+def test_ggn_curvature_refuses_large_outputs_before_paying_for_them():
+    """One backward per output element of a sample: a (tokens x vocabulary) output is refused with the way
+    out, and max_outputs raises the limit (the scores then equal a run with the default on a small output)."""
+    from pyobc.criteria.ec import ECCostError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5))
+    seq = [(torch.randn(3, 7, 4), torch.randint(0, 5, (3, 7)))]
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return F.cross_entropy(m(x).reshape(-1, 5), y.reshape(-1))
+
+    with pytest.raises(ECCostError, match=r"35 here.*max_outputs=16.*curvature='fisher'"):
+        pyobc.score(model, seq, "ec", loss_fn=loss_fn, max_outputs=16)
+    with pytest.raises(ValueError, match="max_outputs"):
+        pyobc.score(model, seq, "ec", loss_fn=loss_fn, max_outputs=0)
+    assert pyobc.score(model, seq, "ec", loss_fn=loss_fn).values  # 35 <= 1024: computed
+    assert pyobc.score(model, seq, "ec", loss_fn=loss_fn, curvature="fisher").values

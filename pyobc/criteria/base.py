@@ -14,7 +14,7 @@ import torch
 from ..nested import tensors_in
 from ..scoring.context import Batch, Context
 
-__all__ = ["Criterion", "Result", "validate_micro_batch", "tensors_requiring_grad"]
+__all__ = ["Criterion", "Result", "validate_micro_batch", "tensors_requiring_grad", "model_outputs"]
 
 
 @dataclasses.dataclass
@@ -130,3 +130,11 @@ def tensors_requiring_grad(obj: Any) -> list[torch.Tensor]:
     """Every tensor that requires grad in a model's (nested) output, in order: the outputs a
     second-order pass differentiates through."""
     return [t for t in tensors_in(obj) if t.requires_grad]
+
+
+def model_outputs(outputs: Any) -> list[torch.Tensor]:
+    """The model outputs a loss is a function of, for criteria that linearise or take curvature at them:
+    every tensor in the model's (nested) output that requires grad and has a batch dimension. A scalar the
+    model returns is a loss it computed itself (the Hugging Face ``labels=`` idiom), not an output:
+    linearising around it would add the loss's own Hessian to OBA's inter-layer term."""
+    return [t for t in tensors_requiring_grad(outputs) if t.dim() > 0]

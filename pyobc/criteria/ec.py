@@ -51,7 +51,9 @@ product gives column ``d`` of every ``Lambda_n``), its eigendecomposition ``Q di
 one backward pass through the network per (non-null) eigen-direction with per-sample cotangents
 ``sqrt(lambda_nk) q_nk``: ``phi = sum_k lambda_k (q_k^T J)^2``. That is **one backward per output
 dimension** (classifiers: classes - 1, since cross-entropy's Hessian has a null direction; with many
-outputs, e.g. 1000 classes, prefer ``"fisher"``). For ReLU
+outputs, e.g. 1000 classes, prefer ``"fisher"``; past ``max_outputs`` output elements per sample, 1024
+by default — a language model's tokens x vocabulary — ``ECCostError`` refuses before the cost is paid,
+naming ``curvature="fisher"``). For ReLU
 networks (piecewise-linear after ``z``: ReLU, max-pool, eval-mode BatchNorm, residual adds, pooling,
 linear/conv) this is the exact diagonal Hessian of ``l_n`` in ``z``. Model outputs must carry the sample
 axis first.
@@ -116,17 +118,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import CONV
+from ..layers import CONV, is_transposed_linear
 from . import register
-from .base import Criterion, Result, tensors_requiring_grad
+from .base import Criterion, Result, model_outputs
 
-__all__ = ["EC"]
+__all__ = ["EC", "ECCostError"]
 
 #: bytes of temporaries materialised at once by the structured pass (linear layers)
 MEMORY_BUDGET = 256 * 2**20
 #: bytes of per-(input channel, output unit) conv contributions formed at once: small enough to stay in
 #: cache while they are squared, weighted and summed (several times faster than one big tensor)
 CACHE_BUDGET = 2 * 2**20
+
+class ECCostError(ValueError):
+    """The Gauss-Newton curvature would cost more backward passes than ``max_outputs`` allows."""
+
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
@@ -136,7 +142,7 @@ def _qual(module: str, attr: str) -> str:
 
 
 def _scorable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_transposed_linear(module):
         return True
     return (isinstance(module, CONV) and not module.transposed
             and module.weight.dim() - 2 in _CONV_WEIGHT)
@@ -163,10 +169,13 @@ class EC(Criterion):
     description = ("elimination-compensation [reconstructed]: 1/2 w^2 (h_ww - h_wb^2/h_bb) with the optimal "
                    "bias shift w h_wb/h_bb, per weight and per channel")
     granularities = ("channel", "weight")
-    defaults = {"curvature": "ggn"}
+    defaults = {"curvature": "ggn", "max_outputs": 1024}
 
     def validate(self) -> None:
         self._choice("curvature", ("ggn", "fisher"))
+        limit = self.opts["max_outputs"]
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"method 'ec': option max_outputs must be a positive integer or None, got {limit!r}")
         ctx = self.ctx
         # consumers: conv/linear in-members of the groups -> [(group index, member index, member)]
         self._consumers: dict[str, list[tuple[int, int, Any]]] = {}
@@ -217,11 +226,12 @@ class EC(Criterion):
             for i, g in zip(need, grads):
                 phis[i] = None if g is None else (g.detach() * n).square()
             return phis
-        fs = tensors_requiring_grad(outputs)
+        fs = model_outputs(outputs)
         if not fs:
             raise RuntimeError("ec's Gauss-Newton curvature needs the model's outputs, but loss_fn did not call "
                                "the model (or its outputs do not depend on the parameters); "
                                "use curvature='fisher'")
+        self._check_output_size(fs)
         lam, q = self._output_hessian(loss, fs, n)
         if lam is None:
             return phis
@@ -246,6 +256,18 @@ class EC(Criterion):
         for i, a in zip(need, acc):
             phis[i] = a
         return phis
+
+    def _check_output_size(self, fs: list[torch.Tensor]) -> None:
+        """The Gauss-Newton curvature costs one backward pass per output element of a sample (and an
+        eigendecomposition of that size): refuse before paying it for outputs like a language model's
+        (tokens x vocabulary), where the empirical Fisher is the affordable curvature."""
+        limit = self.opts["max_outputs"]
+        size = sum(f[0].numel() for f in fs if f.dim() > 0)
+        if limit is not None and size > limit:
+            raise ECCostError(
+                f"ec with curvature='ggn' needs one backward pass per output element of a sample: {size} here "
+                f"(outputs of shape {[tuple(f.shape[1:]) for f in fs]} per sample), over max_outputs={limit}: "
+                "use curvature='fisher' (one backward per batch), or raise max_outputs to pay for it")
 
     @staticmethod
     def _output_hessian(loss: torch.Tensor, fs: list[torch.Tensor], n: float):
@@ -291,8 +313,15 @@ class EC(Criterion):
             self._acc_dtype = torch.float64 if t.device.type in ("cpu", "cuda") else t.dtype
         return t.to(self._acc_dtype)
 
+    def _weight(self, name: str, theta: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Layer ``name``'s weight as (out, in, ...): a transposed linear layer (Hugging Face ``Conv1D``)
+        stores it (in, out)."""
+        w = (self.ctx.params if theta is None else theta)[_qual(name, "weight")]
+        module = self._scored.get(name)
+        return w.t() if is_transposed_linear(self.ctx.modules[name] if module is None else module) else w
+
     def _ensure(self, name: str) -> None:
-        w = self.ctx.params[_qual(name, "weight")]
+        w = self._weight(name)
         zeros = (lambda shape: self._acc(torch.zeros(shape, dtype=w.dtype, device=w.device)))
         if f"bb:{name}" not in self.acc:
             self.add(f"bb:{name}", zeros(w.shape[0]))
@@ -305,9 +334,9 @@ class EC(Criterion):
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, phi: torch.Tensor,
                     weight_mode: bool) -> None:
-        w = self.ctx.params[_qual(name, "weight")].detach()
+        w = self._weight(name).detach()
         phi = phi.to(x.dtype)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_transposed_linear(module):
             xr = x.reshape(-1, x.shape[-1])
             pr = phi.reshape(-1, phi.shape[-1])
             self.add(f"bb:{name}", self._acc(pr.sum(0)))
@@ -437,12 +466,13 @@ class EC(Criterion):
                 if name not in ratio:
                     continue
                 wname = _qual(name, "weight")
-                w = theta[wname]
+                w = self._weight(name, theta)
                 wd = w.to(ratio[name].dtype)
                 ww, wb = self.acc[f"ww:{name}"], self.acc[f"wb:{name}"]
                 score = 0.5 * wd.square() * (ww - wb * ratio[name]) / ns
-                parameter[wname] = score.to(w.dtype)
-                shifts[wname] = (wd * ratio[name]).to(w.dtype).cpu()
+                back = (lambda t, n=name: t.t() if is_transposed_linear(self._scored[n]) else t)  # stored layout
+                parameter[wname] = back(score.to(w.dtype))
+                shifts[wname] = back((wd * ratio[name]).to(w.dtype)).cpu()
             extras["ec_shift"] = shifts
 
         channel = [torch.zeros(g.size, dtype=torch.float64, device=ctx.device) for g in ctx.groups]
@@ -450,7 +480,7 @@ class EC(Criterion):
             if name not in ratio:
                 continue
             module = self._scored[name]
-            w = theta[_qual(name, "weight")]
+            w = self._weight(name, theta)
             wd = w.to(ratio[name].dtype)
             o = w.shape[0]
             # per (out i, local in-channel): sum over taps of W * h_wb / h_bb = the channel's shift

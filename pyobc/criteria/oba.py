@@ -5,12 +5,12 @@ import torch
 from ..layers import NORMS
 from ..scoring.gates import GatedModel, gate_layout, second_order_mode
 from . import register
-from .base import Criterion, Result, tensors_requiring_grad, validate_micro_batch
+from .base import Criterion, Result, model_outputs, validate_micro_batch
 
 
 def linearised(loss: torch.Tensor, outputs: list) -> torch.Tensor:
     """``<stopgrad(dL/dz), z>`` over the model's outputs ``z``: its Hessian in theta is ``H - GGN``."""
-    zs = tensors_requiring_grad(outputs)
+    zs = model_outputs(outputs)
     if not zs:
         raise RuntimeError("OBA's inter-layer Hessian needs the model's outputs, but loss_fn did not call the "
                            "model (or its outputs do not depend on the parameters)")

@@ -61,7 +61,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import register
-from .base import Criterion, Result, tensors_requiring_grad, validate_micro_batch
+from .base import Criterion, Result, model_outputs, validate_micro_batch
 from ..scoring.gates import GatedModel, gate_layout, second_order_mode
 from ..scoring.layout import Layout
 
@@ -83,7 +83,7 @@ def _grad(outputs, inputs, grad_outputs=None, **kw) -> list[torch.Tensor | None]
 
 
 def _model_outputs(outputs: list) -> list[torch.Tensor]:
-    zs = tensors_requiring_grad(outputs)
+    zs = model_outputs(outputs)
     if not zs:
         raise RuntimeError("SOSP's Gauss-Newton curvature needs the model's outputs, but loss_fn did not call "
                            "the model (or its outputs do not depend on the parameters)")

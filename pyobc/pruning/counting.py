@@ -6,7 +6,8 @@ MACs, per input sample (the example batch's count divided by its size), of the l
 arithmetic, found by one forward pass with hooks:
 
 * ``nn.Conv1d/2d/3d``: ``output positions x weight.numel()`` (``out x in/groups x kernel`` per position);
-* ``nn.Linear``: ``rows x weight.numel()`` (rows: every leading position, e.g. tokens);
+* ``nn.Linear`` (and Hugging Face's ``Conv1D``, a linear layer with its weight stored ``(in, out)``):
+  ``rows x weight.numel()`` (rows: every leading position, e.g. tokens);
 * ``nn.MultiheadAttention``: the q, k, v projections (``L``, ``S``, ``S`` rows), the two attention
   products ``2 L S E`` and the output projection (``L`` rows).
 
@@ -29,11 +30,12 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ..layers import CONV, LINEAR
+from ..grouping import canonical_parameter_names
+from ..layers import CONV, LINEAR, is_transposed_linear
 from ..model_state import preserved_state, unwrap_model
 from ..nested import tensors_in
 
-__all__ = ["LayerCost", "trace_costs", "macs_from", "count_params", "count", "tensor_shapes"]
+__all__ = ["LayerCost", "trace_costs", "macs_from", "count_params", "count", "tensor_shapes", "run_naming_failure"]
 
 
 @dataclasses.dataclass
@@ -47,6 +49,7 @@ class LayerCost:
     L: float = 0.0
     S: float = 0.0
     LS: float = 0.0
+    weight: str = ""  #: the canonical name of the layer's weight (tied weights have one), "" for attention
 
 
 def _batch_size(inputs: Any) -> int:
@@ -74,7 +77,7 @@ def trace_costs(model: nn.Module, example_inputs: Any) -> list[LayerCost]:
     def linear_hook(name):
         def hook(m, args, out):
             c = costs.setdefault(name, LayerCost(name, "linear"))
-            c.rows += out.numel() // max(1, m.weight.shape[0])
+            c.rows += out.numel() // max(1, m.weight.shape[1 if is_transposed_linear(m) else 0])
         return hook
 
     def attention_hook(name):
@@ -96,27 +99,63 @@ def trace_costs(model: nn.Module, example_inputs: Any) -> list[LayerCost]:
     for name, m in model.named_modules():
         if isinstance(m, CONV):
             handles.append(m.register_forward_hook(conv_hook(name)))
-        elif isinstance(m, LINEAR):
+        elif isinstance(m, LINEAR) or is_transposed_linear(m):
             handles.append(m.register_forward_hook(linear_hook(name)))
         elif isinstance(m, nn.MultiheadAttention):
             handles.append(m.register_forward_hook(attention_hook(name), with_kwargs=True))
     try:
         with preserved_state(model), torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            elif isinstance(example_inputs, (tuple, list)):
-                model(*example_inputs)
-            else:
-                model(example_inputs)
+            run_naming_failure(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
+    canonical = canonical_parameter_names(model)
     for c in costs.values():
+        if c.kind != "attention":
+            c.weight = canonical.get(f"{c.name}.weight" if c.name else "weight", "")
         c.rows /= n
         c.L /= n
         c.S /= n
         c.LS /= n
     return list(costs.values())
+
+
+def run_naming_failure(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)`` (a dict is keywords, a tuple/list positional); when it raises, a RuntimeError
+    naming the innermost module that was running, with the original error chained.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.Linear(2, 1))
+        >>> run_naming_failure(net, torch.randn(1, 4))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: Sequential fails inside '1' (Linear): RuntimeError: mat1 and mat2 shapes cannot be multiplied ...
+    """
+    stack: list[str] = []
+    handles = []
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, args, n=name: stack.append(n)))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+    except Exception as e:
+        where = stack[-1] if stack else ""
+        kind = type(model.get_submodule(where)).__name__
+        raise RuntimeError(f"{type(model).__name__} fails inside {where!r} ({kind}): "
+                           f"{type(e).__name__}: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -139,7 +178,7 @@ def macs_from(costs: list[LayerCost], shapes: Mapping[str, tuple[int, ...]]) -> 
     for c in costs:
         p = (lambda attr: f"{c.name}.{attr}" if c.name else attr)
         if c.kind in ("conv", "linear"):
-            total += c.rows * _numel(shapes[p("weight")])
+            total += c.rows * _numel(shapes[c.weight or p("weight")])
         else:
             if p("in_proj_weight") in shapes:
                 w = shapes[p("in_proj_weight")]

@@ -35,13 +35,14 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..attention_heads import fused_head_layout
 from ..grouping import IN_AXIS, Group, Member, Slice
-from ..layers import BATCH_NORMS, CONV, INSTANCE_NORMS, LINEAR
+from ..layers import BATCH_NORMS, CONV, INSTANCE_NORMS, LINEAR, is_transposed_linear
 from ..masking import removed_mask
 from ..ops import gather_channels
 
 __all__ = ["Rule", "RULES", "rule_for", "find_target", "check_member", "slice_axis", "cuts", "shapes_after",
-           "apply_keep", "apply_remove", "owner", "owner_tensor"]
+           "apply_keep", "apply_remove", "owner", "owner_tensor", "check_groups", "broken_model_message"]
 
 
 def _weight_size(axis: int) -> Callable[[nn.Module], int]:
@@ -79,6 +80,17 @@ def _sync_attention(m: nn.MultiheadAttention, before: Mapping[str, int]) -> None
                 m.q_proj_weight.mul_(scale)
             if m.in_proj_bias is not None:
                 m.in_proj_bias[:e].mul_(scale)
+
+
+def _sync_heads(m: nn.Module, before: Mapping[str, int]) -> None:
+    """A fused attention module (:func:`pyobc.attention_heads.fused_head_layout`) after whole heads were
+    cut from its ``qkv`` rows and ``proj`` columns: ``num_heads`` and ``attn_dim`` follow ``proj``."""
+    width = int(m.proj.weight.shape[1])
+    if width % m.head_dim or int(m.qkv.weight.shape[0]) != 3 * width:
+        raise ValueError(f"attention with head_dim={m.head_dim} cannot have qkv {tuple(m.qkv.weight.shape)} "
+                         f"and proj {tuple(m.proj.weight.shape)}")
+    m.num_heads = width // m.head_dim
+    m.attn_dim = width
 
 
 def _check_conv_out(m: nn.Module) -> str | None:
@@ -123,6 +135,14 @@ class Rule:
     buffers: tuple[str, ...] = ()
     sync: Callable[[nn.Module, Mapping[str, int]], None] = lambda m, before: None
     check: Callable[[nn.Module], str | None] = lambda m: None
+    #: matches modules by a predicate instead of ``types`` (layer types pyobc recognises by name/attributes)
+    match: Callable[[object], bool] | None = None
+
+    def applies(self, member: Member, target: object) -> bool:
+        """Whether this rule is the one for ``member`` (its module or parameter ``target``)."""
+        if self.kind != member.kind:
+            return False
+        return self.match(target) if self.match is not None else isinstance(target, self.types)
 
 
 def _set(**attrs: Callable[[nn.Module], object]) -> Callable[[nn.Module, Mapping[str, int]], None]:
@@ -141,6 +161,8 @@ def _sync_groupnorm(m: nn.GroupNorm, before: Mapping[str, int]) -> None:
 
 #: The single table of module updates per member kind (first matching type wins).
 RULES: tuple[Rule, ...] = (
+    Rule("out", (), sync=_set(nf=_weight_size(1)), match=is_transposed_linear),  # HF Conv1D: weight (in, out)
+    Rule("in", (), sync=_set(nx=_weight_size(0)), match=is_transposed_linear),
     Rule("out", CONV, sync=_set(out_channels=_weight_size(0)), check=_check_conv_out),
     Rule("out", LINEAR, sync=_set(out_features=_weight_size(0))),
     Rule("in", CONV, sync=_set(in_channels=lambda m: int(m.weight.shape[1]) * m.groups), check=_check_conv_in),
@@ -156,6 +178,7 @@ RULES: tuple[Rule, ...] = (
     Rule("prelu", (nn.PReLU,), sync=_set(num_parameters=_weight_size(0))),
     Rule("embedding", (nn.Embedding,), sync=_set(embedding_dim=_weight_size(1))),
     Rule("attention", (nn.MultiheadAttention,), sync=_sync_attention),
+    Rule("heads", (), sync=_sync_heads, match=lambda m: isinstance(m, nn.Module) and fused_head_layout(m) is not None),
     Rule("param", (nn.Parameter,)),
 )
 
@@ -186,7 +209,7 @@ def find_target(model: nn.Module, member: Member) -> object:
 def rule_for(member: Member, target: object) -> Rule:
     """The :data:`RULES` entry for a member (NotImplementedError naming the layer when there is none)."""
     for rule in RULES:
-        if rule.kind == member.kind and isinstance(target, rule.types):
+        if rule.applies(member, target):
             return rule
     raise NotImplementedError(
         f"pyobc cannot cut {member.kind!r} channels of {member.module!r} ({type(target).__name__}); "
@@ -201,6 +224,33 @@ def check_member(model: nn.Module, member: Member) -> tuple[object, Rule]:
     if why:
         raise NotImplementedError(f"cannot prune {member.module!r}: {why}; pass it in ignored_layers")
     return target, rule
+
+
+def check_groups(model: nn.Module, groups: Sequence[Group], cutting: Iterable[str]
+                 ) -> dict[tuple[str, str, str], tuple[object, Rule]]:
+    """:func:`check_member` for every member of ``groups``: ``(root, module, kind) -> (target, rule)``.
+
+    When a group that loses channels (its root in ``cutting``) has a member that cannot be cut, one
+    NotImplementedError names every such layer in ``groups`` at once and the complete ``ignored_layers``
+    list that leaves all their groups whole (a grouped convolution is both a group's root and a consumer
+    in its feeder's group: ignoring the layer alone is not enough).
+    """
+    out: dict[tuple[str, str, str], tuple[object, Rule]] = {}
+    failed: dict[str, str] = {}
+    roots: set[str] = set()
+    for g in groups:
+        for m in g.members:
+            try:
+                out[(g.root, m.module, m.kind)] = check_member(model, m)
+            except NotImplementedError as e:
+                failed.setdefault(m.module, str(e).split("; pass")[0])
+                roots.add(g.root)
+    if failed and roots & set(cutting):
+        raise NotImplementedError(
+            f"pyobc cannot cut {len(failed)} layer(s): "
+            + "; ".join(why for _, why in sorted(failed.items()))
+            + f". Leave their groups whole with ignored_layers={sorted(roots)!r}")
+    return out
 
 
 def slice_axis(kind: str, s: Slice, ndim: int) -> int:
@@ -224,15 +274,17 @@ def cuts(model: nn.Module, groups: Iterable[Group], remove: Mapping[str, torch.T
     acc: dict[tuple[str, int], list[torch.Tensor]] = {}
     touched: dict[tuple[int, str], tuple[nn.Module, Rule]] = {}
     by_root = {g.root: g for g in groups}
-    for root, channels in remove.items():
+    for root in remove:
         if root not in by_root:
             raise KeyError(f"no group is rooted at {root!r}")
+    checked = check_groups(model, [by_root[r] for r in remove], [r for r, c in remove.items() if len(c)])
+    for root, channels in remove.items():
         group = by_root[root]
         mask = removed_mask(group, channels)
         if not bool(mask.any()):
             continue
         for member in group.members:
-            target, rule = check_member(model, member)
+            target, rule = checked[(root, member.module, member.kind)]
             if isinstance(target, nn.Module):
                 touched.setdefault((id(target), rule.kind), (target, rule))
             for s in member.slices:
@@ -277,6 +329,14 @@ def _keep_index(size: int, positions: torch.Tensor, device: torch.device, name: 
     return keep.nonzero().reshape(-1).to(device)
 
 
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter)`` -> every name the parameter has in ``model`` (several when tied)."""
+    out: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(name)
+    return out
+
+
 def apply_keep(model: nn.Module, groups: Sequence[Group], keep: Mapping[str, torch.Tensor | Sequence[int]]) -> None:
     """Cut ``model`` in place so that group ``root`` keeps only the root channels ``keep[root]``.
 
@@ -316,12 +376,37 @@ def apply_remove(model: nn.Module, groups: Sequence[Group], remove: Mapping[str,
                 indices.append(_keep_index(t.shape[axis], positions, t.device, n, axis))
             for n, t in zip(names, gather_channels(tensors, dims, indices)):
                 current[n] = t
+    aliases = _aliases(model)
     for name, t in current.items():
         mod, attr = owner(model, name)
         old = getattr(mod, attr)
         if isinstance(old, nn.Parameter):
-            setattr(mod, attr, nn.Parameter(t, requires_grad=old.requires_grad))
+            new = nn.Parameter(t, requires_grad=old.requires_grad)
+            for alias in aliases.get(id(old), [name]):  # tied parameters stay one tensor
+                setattr(*owner(model, alias), new)
         else:
             mod._buffers[attr] = t
     for m, rule in touched:
         rule.sync(m, before[id(m)])
+
+
+def broken_model_message(error: Exception, groups: Sequence[Group], remove: Mapping[str, torch.Tensor]) -> str:
+    """The message for a pruned model that no longer runs: the error, and the groups cut in this step that
+    touch the failing module (``error`` from :func:`pyobc.pruning.counting.run_naming_failure`, which
+    names it as ``inside 'name'``), to pass in ``ignored_layers``.
+
+    Example:
+        >>> broken_model_message(RuntimeError("Net fails inside 'a.b' (Linear): ..."), [], {})
+        "the pruned model does not run on example_inputs: Net fails inside 'a.b' (Linear): .... ..."
+    """
+    text = str(error)
+    where = text.split("inside '", 1)[1].split("'", 1)[0] if "inside '" in text else None
+    cut = [g for g in groups if len(remove.get(g.root, ()))]
+
+    def near(module: str) -> bool:
+        return where is not None and (module == where or module.startswith(where + ".")
+                                      or where.startswith(module + ".") or not where)
+    involved = sorted({g.root for g in cut if any(near(m.module) for m in g.members)}) or sorted(g.root for g in cut)
+    return (f"the pruned model does not run on example_inputs: {text}. pyobc cut groups whose layout this "
+            f"module depends on in a way pyobc cannot see (e.g. widths kept as ints); leave them whole with "
+            f"ignored_layers={involved[:20]!r}" + (" ..." if len(involved) > 20 else ""))

@@ -16,11 +16,13 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from ..errors import ModelRunError
 from ..nested import map_tensors, tensors_in
 from ..progress import progress_bar
+from .capture import Capture
 from .context import Batch, LossFn, default_loss
 
-__all__ = ["model_device", "iter_batches", "trace_inputs"]
+__all__ = ["model_device", "iter_batches", "trace_inputs", "first_forward", "describe_inputs"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -90,6 +92,9 @@ def _inputs_seen_by_model(model: nn.Module, loss_fn: LossFn, batch: Batch) -> tu
     try:
         with torch.no_grad():
             loss_fn(model, batch.data)
+    except Exception as exc:
+        raise _failed(f"loss_fn(model, batch) with the model {type(model).__name__}", batch.data, exc,
+                      "two samples of the first batch") from exc
     finally:
         handle.remove()
     if not seen:
@@ -114,3 +119,60 @@ def trace_inputs(model: nn.Module, loss_fn: LossFn, first: Batch) -> tuple[Any, 
                             f"loss (got {type(first.data).__name__}); pass loss_fn for other shapes")
         return probe.data[0], None
     return _inputs_seen_by_model(model, loss_fn, probe)
+
+
+def describe_inputs(inputs: Any) -> str:
+    """The shapes of the tensors in ``inputs``, for error messages.
+
+    Example:
+        >>> describe_inputs((torch.zeros(2, 3), {"mask": torch.ones(2)}))
+        '(2, 3), (2,)'
+    """
+    shapes = [tuple(t.shape) for t in tensors_in(inputs)]
+    return ", ".join(str(s) for s in shapes) if shapes else "no tensors"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _failed(what: str, inputs: Any, exc: BaseException, source: str) -> ModelRunError:
+    return ModelRunError(f"running {what} on inputs of shape {describe_inputs(inputs)} ({source}) failed: "
+                      f"{_one_line(exc)}")
+
+
+def _call(model: nn.Module, example_inputs: Any, forward_fn: Callable | None) -> Any:
+    """Call the model the way the dependency tracer will."""
+    if forward_fn is not None:
+        return forward_fn(model, example_inputs)
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def first_forward(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None,
+                  watch: dict[str, nn.Module] | None = None, source: str = "two samples of the first batch") -> Capture:
+    """Run the model once on the tracer's inputs (no grad), recording the calls of ``watch``.
+
+    Any exception the model raises becomes one :class:`~pyobc.errors.ModelRunError` (a ``ValueError``)
+    naming the model, the input shapes, where they come from (``source``) and the original error
+    (chained), before the tracer would bury it under its own frames.
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> first_forward(net, torch.zeros(2, 4))
+        Traceback (most recent call last):
+        ...
+        pyobc.errors.ModelRunError: running the model Linear on inputs of shape (2, 4) (two samples of the first batch) failed: RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x4 and 3x2)
+    """
+    watch = dict(watch or {})
+    cap = Capture(watch, protect=watch)
+    try:
+        with cap, torch.no_grad():
+            _call(model, example_inputs, forward_fn)
+    except Exception as exc:
+        raise _failed(f"the model {type(model).__name__}", example_inputs, exc, source) from exc
+    return cap

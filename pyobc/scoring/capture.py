@@ -12,12 +12,13 @@ affected modules' tensors cloned at record time, remembering them for the follow
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Record", "Capture", "ModifiedInPlace"]
+__all__ = ["Record", "Capture", "ModifiedInPlace", "modules_calling"]
 
 
 class ModifiedInPlace(RuntimeError):
@@ -132,3 +133,48 @@ class Capture:
                 if isinstance(y, torch.Tensor) and y.requires_grad:
                     out.append((name, k, y))
         return out
+
+
+class _OpsByModule(TorchDispatchMode):
+    """Records which aten ops run while each module (innermost first) is in its forward."""
+
+    def __init__(self, stack: list[str], ops: set[str]):
+        super().__init__()
+        self.stack = stack
+        self.ops = ops
+        self.found: dict[str, None] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.ops and self.stack:
+            self.found.setdefault(self.stack[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def modules_calling(model: nn.Module, run: Callable[[], Any], ops: Iterable[str]) -> list[str]:
+    """Names of the innermost modules of ``model`` whose forward runs one of the aten ``ops`` (e.g.
+    ``"aten::hardsigmoid"``) during ``run()``; ``""`` stands for the model's own forward.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 3), nn.Hardsigmoid())
+        >>> modules_calling(net, lambda: net(torch.randn(2, 3)), ["aten::hardsigmoid"])
+        ['1']
+    """
+    stack: list[str] = []
+    handles = []
+    def enter(module, args, name):
+        stack.append(name)
+
+    def leave(module, args, output):
+        stack.pop()
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: enter(m, a, n)))
+        handles.append(module.register_forward_hook(leave))
+    mode = _OpsByModule(stack, set(ops))
+    try:
+        with torch.no_grad(), mode:
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return list(mode.found)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -27,8 +28,10 @@ from ..grouping import build_groups
 from ..model_state import preserved_state, unwrap_model
 from ..nested import map_tensors
 from ..progress import show_progress
-from .batches import iter_batches, model_device, trace_inputs
+from .batches import first_forward, iter_batches, model_device, trace_inputs
+from .capture import modules_calling
 from .context import Batch, Context, LossFn, default_loss
+from .per_sample import modules_to_probe, probe_channel_axes, using_channel_axes
 from .scores import Scores, model_signature
 
 __all__ = ["run"]
@@ -68,14 +71,64 @@ def placement(model: nn.Module, device: str | torch.device | None) -> tuple[nn.M
     return (model if here == device else copy.deepcopy(model).to(device)), device, True
 
 
-def _feed(criterion: Any, batches: Iterator[Batch]) -> tuple[int, int]:
+#: PyTorch's messages for an op without a derivative: "derivative for aten::X is not implemented",
+#: "the derivative for 'X' is not implemented."
+_NO_DERIVATIVE = re.compile(r"derivative for '?(?:aten::)?([\w.]+?)'? is not implemented")
+
+
+def _missing_derivative(exc: RuntimeError, method: str, ctx: Context, batch: Batch) -> NotImplementedError | None:
+    """A pyobc error naming the method, the op and the modules that call it, for PyTorch's error about
+    an op without a (double) backward; None for any other error."""
+    found = _NO_DERIVATIVE.search(str(exc))
+    if found is None:
+        return None
+    op = "aten::" + found.group(1)
+    forward_op = op[: -len("_backward")] if op.endswith("_backward") else op
+    candidates = {op, forward_op, forward_op + "_forward", forward_op.replace("::_", "::")}
+    try:
+        names = modules_calling(ctx.model, lambda: ctx.loss(batch), candidates)
+    except Exception:  # the diagnosis must not hide the error it explains
+        names = []
+    where = ", ".join(f"{n or '<model>'} ({type(ctx.modules[n]).__name__})" for n in names) or "an unknown layer"
+    return NotImplementedError(
+        f"method {method!r} differentiates twice, but PyTorch implements no derivative of {op} (the backward "
+        f"of an op in {where}): use a first-order method (jacobian, taylor, obd, ec) or replace that op")
+
+
+def _feed(criterion: Any, batches: Iterator[Batch], method: str) -> tuple[int, int]:
     """``criterion.update`` on every batch; the batch and sample counts."""
     n_batches = n_samples = 0
     for batch in batches:
-        criterion.update(batch)
+        try:
+            criterion.update(batch)
+        except RuntimeError as exc:
+            error = _missing_derivative(exc, method, criterion.ctx, batch)
+            if error is None:
+                raise
+            raise error from exc
         n_batches += 1
         n_samples += batch.size
     return n_batches, n_samples
+
+
+def _tracer_inputs(model: nn.Module, loss_fn: LossFn, first: Batch | None, example_inputs: Any, move: bool,
+                   device: torch.device) -> tuple[Any, Any]:
+    """(example inputs, forward function) for the tracer (on the scoring device)."""
+    forward_fn = None
+    if example_inputs is None:
+        example_inputs, forward_fn = trace_inputs(model, loss_fn, first)
+    elif move:
+        example_inputs = map_tensors(lambda t: t.to(device), example_inputs)
+    return example_inputs, forward_fn
+
+
+def _channel_axes(model: nn.Module, example_inputs: Any, forward_fn: Any, source: str) -> dict[nn.Module, int | None]:
+    """Run the model once on the tracer's inputs, so that a model that cannot take the data fails with one
+    line before tracing, and measure the channel axes of layers with their own ``forward`` (see
+    :func:`~pyobc.scoring.per_sample.probe_channel_axes`)."""
+    watch = modules_to_probe(model)
+    cap = first_forward(model, example_inputs, forward_fn, watch, source)
+    return probe_channel_axes(watch, cap.records)
 
 
 def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Coordinator,
@@ -96,21 +149,22 @@ def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Co
         first = next(batches, None)
         if loader is not None and first is None:
             raise EmptyLoaderError("the loader yielded no batches")
-        forward_fn = None
-        if example_inputs is None:
-            example_inputs, forward_fn = trace_inputs(work_model, loss_fn, first)
-        elif move:
-            example_inputs = map_tensors(lambda t: t.to(device), example_inputs)
-        called: set[str] = set()
-        groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers, forward_fn=forward_fn,
-                              called=called)
-        ctx = Context(work_model, groups, loss_fn, device, granularity, called=called,
-                      progress=show_progress(progress))
-        criterion = spec(ctx, **options)
-        counts = _feed(criterion, itertools.chain([first], batches)) if spec.needs_data else (0, 0)
-        # data-parallel: agree with the other ranks, sum the accumulators (no-op in a single process)
-        n_batches, n_samples = coordinator.combine(criterion, *counts, method=spec.name, groups=groups, first=first)
-        result = criterion.finalize()
+        user_inputs = example_inputs
+        example_inputs, forward_fn = _tracer_inputs(work_model, loss_fn, first, example_inputs, move, device)
+        source = "two samples of the first batch" if user_inputs is None else "example_inputs"
+        with using_channel_axes(_channel_axes(work_model, example_inputs, forward_fn, source)):
+            called: set[str] = set()
+            groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers,
+                                  forward_fn=forward_fn, called=called, progress=show_progress(progress))
+            ctx = Context(work_model, groups, loss_fn, device, granularity, called=called,
+                          progress=show_progress(progress))
+            criterion = spec(ctx, **options)
+            counts = (_feed(criterion, itertools.chain([first], batches), spec.name)
+                      if spec.needs_data else (0, 0))
+            # data-parallel: agree with the other ranks, sum the accumulators (no-op in one process)
+            n_batches, n_samples = coordinator.combine(criterion, *counts, method=spec.name, groups=groups,
+                                                       first=first)
+            result = criterion.finalize()
     return Scores(
         spec.name, groups, result.channel, options=options, batches=n_batches, samples=n_samples,
         granularity=granularity, parameter_scores=result.parameter if granularity == "weight" else None,

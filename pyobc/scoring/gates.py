@@ -30,9 +30,10 @@ import torch.nn as nn
 
 from ..grouping import IN_AXIS, Member
 from ..layers import CONV, LINEAR, NORMS, WEIGHT_LAYERS, is_weight_layer
+from ..ops.second_order import OVERRIDES as LEAN_SECOND_ORDER
 from .context import Batch, Context
 from .layout import Layout
-from .per_sample import channel_dim, supports_activation_rows
+from .per_sample import channel_dim, gateable, supports_activation_rows
 
 __all__ = ["GatedModel", "gate_layout", "linear_modules", "second_order_mode"]
 
@@ -77,6 +78,15 @@ def _view_at(vec: torch.Tensor, like: torch.Tensor, dim: int, per_sample: bool) 
     if per_sample:
         shape[0] = vec.shape[0]
     return vec.view(shape)
+
+
+def _check_rows(name: str, module: nn.Module, t: torch.Tensor, gate: torch.Tensor | None, per_sample: bool) -> None:
+    """Per-sample gates need the samples on the activation's first axis."""
+    if per_sample and gate is not None and (t.dim() < 2 or t.shape[0] != gate.shape[0]):
+        raise NotImplementedError(
+            f"per-sample gates on {name} ({type(module).__name__}): its activation has shape {tuple(t.shape)}, "
+            f"not {gate.shape[0]} samples on the first axis (the layer sees samples folded together); pass "
+            f"ignored_layers=[{name!r}] to leave its group unscored, or use sosp-h")
 
 
 def _param_multiplier(gate: torch.Tensor, shape: torch.Size, axis: int, groups: int) -> torch.Tensor:
@@ -157,6 +167,8 @@ class GatedModel:
                 continue
             if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
                 continue
+            if not gateable(module):  # its output is not per-channel affine in its own parameters
+                continue
             own = {k: (f"{name}.{k}" if name else k) for k, _ in module.named_parameters(recurse=False)}
             if not own:
                 continue
@@ -199,14 +211,16 @@ class GatedModel:
                 continue
             d = channel_dim(module)
             if g_in is not None:
-                def pre(mod, args, g=g_in, d=d):
+                def pre(mod, args, g=g_in, d=d, name=name):
                     x = args[0]
+                    _check_rows(name, mod, x, g, per_sample)
                     return (x * _view_at(g, x, d, per_sample),) + tuple(args[1:])
                 handles.append(module.register_forward_pre_hook(pre))
             if g_out is not None or how is not None:
-                def post(mod, args, y, g=g_out, d=d, how=how):
+                def post(mod, args, y, g=g_out, d=d, how=how, name=name):
                     # gate and eps combine into one per-channel multiplier, so the activation is
                     # copied once: y' = g * (1 + eps) * y  (minus g * eps * b when eps spares the bias)
+                    _check_rows(name, mod, y, g, per_sample)
                     scale = None if g is None else _view_at(g, y, d, per_sample)
                     shift = None
                     if how is not None:
@@ -284,25 +298,42 @@ def _composite_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5)
     return y
 
 
+def _composite_hardsigmoid(x, inplace=False):
+    # relu6(x + 3) / 6: the same values and first derivative (1/6 strictly inside (-3, 3)), and a second
+    # derivative (zero) where PyTorch's fused op has none; ``inplace`` is served out of place
+    return torch.nn.functional.hardtanh(x + 3.0, 0.0, 6.0) / 6.0
+
+
+#: functions whose fused kernels have a wrong or missing second derivative, and their elementary forms
+_COMPOSITES = {
+    torch.nn.functional.layer_norm: _composite_layer_norm,
+    torch.nn.functional.hardsigmoid: _composite_hardsigmoid,
+    **LEAN_SECOND_ORDER,  # convolution and eval-mode batch norm without wasted double-backward work
+}
+
+
 class _ExactSecondOrder(torch.overrides.TorchFunctionMode):
-    """Routes ``F.layer_norm`` through elementary ops whose derivatives autograd composes exactly.
+    """Routes ``F.layer_norm`` and ``F.hardsigmoid`` through elementary ops whose derivatives autograd
+    composes exactly.
 
     PyTorch's fused LayerNorm backward has a wrong derivative of its weight gradient with respect to
     the input (the Hessian it implies is not symmetric; compare pytorch/pytorch#196700 and #175754 for
-    the same family of defects). pyobc's tests check against finite differences.
+    the same family of defects). pyobc's tests check against finite differences. ``hardsigmoid_backward``
+    has no derivative at all (MobileNetV3's squeeze-excitation uses it).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.nn.functional.layer_norm:
-            return _composite_layer_norm(*args, **kwargs)
+        composite = _COMPOSITES.get(func)
+        if composite is not None:
+            return composite(*args, **kwargs)
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def second_order_mode() -> Iterator[None]:
-    """Context for passes that differentiate twice: exact LayerNorm, and the math attention backend
-    (the fused SDPA kernels have no double backward on CPU)."""
+    """Context for passes that differentiate twice: exact LayerNorm, a hardsigmoid with a second
+    derivative, and the math attention backend (the fused SDPA kernels have no double backward on CPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH), _ExactSecondOrder():

@@ -13,26 +13,177 @@ convolution-weight-gradient call over the whole batch); any other module falls b
 """
 from __future__ import annotations
 
-from typing import Callable, Collection
+import contextlib
+import contextvars
+from typing import Callable, Collection, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from .. import ops
-from ..layers import BATCH_NORMS, CONV, NORMS, STATISTICS_NORMS, is_weight_layer
+from ..layers import BATCH_NORMS, CONV, NORMS, STATISTICS_NORMS, WEIGHT_LAYERS, is_weight_layer
 from .capture import Record
 
-__all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows", "MEMORY_BUDGET"]
+__all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows", "MEMORY_BUDGET",
+           "standard_forward", "modules_to_probe", "probe_channel_axes", "using_channel_axes", "gateable"]
 
 #: bytes of per-sample gradients materialised at once; larger batches are processed in chunks
 MEMORY_BUDGET = 256 * 2**20
 
+#: output channel axes measured by :func:`probe_channel_axes` for the scoring run in progress
+#: (module -> axis, or None for a layer whose output is not per-channel affine in its own parameters)
+_PROBED: contextvars.ContextVar[Mapping[nn.Module, int | None]] = contextvars.ContextVar("pyobc_axes", default={})
+
+
+def standard_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs the ``forward`` of the ``torch.nn`` class it derives from (not a subclass's own).
+
+    Example:
+        >>> class LN2d(nn.LayerNorm):
+        ...     def forward(self, x):
+        ...         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        >>> standard_forward(nn.LayerNorm(4)), standard_forward(LN2d(4))
+        (True, False)
+    """
+    base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn")), None)
+    return base is not None and type(module).forward is base.forward
+
+
 def channel_dim(module: nn.Module) -> int:
-    """The channel axis of a layer's activations (1 for conv/batch/group norm, -1 for linear/layer norm)."""
+    """The channel axis of a layer's output: the axis measured by the probe of the run in progress (see
+    :func:`probe_channel_axes`) for layers with their own ``forward``, else 1 for conv/batch/group norm and
+    -1 for linear/layer norm.
+
+    Example:
+        >>> channel_dim(nn.Conv2d(2, 3, 1)), channel_dim(nn.LayerNorm(3))
+        (1, -1)
+    """
+    axis = _PROBED.get().get(module)
+    if axis is not None:
+        return axis
     if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
         return -1
     return 1
+
+
+def gateable(module: nn.Module) -> bool:
+    """False for a layer whose probe found no output axis along which scaling a channel's parameters
+    scales that channel of the output (e.g. a norm subclass that applies an activation after the affine
+    map): such layers get parameter gates and vmapped per-sample gradients instead of closed forms.
+
+    Example:
+        >>> gateable(nn.BatchNorm2d(3))
+        True
+    """
+    probed = _PROBED.get()
+    return module not in probed or probed[module] is not None
+
+
+def modules_to_probe(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv/linear/norm layers whose class overrides ``forward``: their channel axis must be measured."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, WEIGHT_LAYERS + NORMS) and not standard_forward(m)}
+
+
+def _out_slice(module: nn.Module, name: str, p: torch.Tensor, c: int) -> tuple:
+    """Index of output channel ``c`` in parameter ``name`` (weights of transposed convs: axis 1)."""
+    if name == "weight" and isinstance(module, CONV) and module.transposed:
+        return (slice(None), c)
+    return (c,)
+
+
+def _out_channels(module: nn.Module) -> int | None:
+    if isinstance(module, CONV + (nn.Linear,)):
+        return module.out_channels if isinstance(module, CONV) else module.out_features
+    params = [p for p in module.parameters(recurse=False)]
+    return int(params[0].shape[0]) if params and all(p.dim() == 1 for p in params) else None
+
+
+def _axis_of_change(y: torch.Tensor, y2: torch.Tensor, c: int, size: int) -> set[int]:
+    """Axes ``a`` (other than the batch axis) of length ``size`` such that ``y2 - y`` is ``y`` at index ``c``
+    along ``a`` and zero elsewhere (the output channel ``c`` doubled, nothing else changed)."""
+    found = set()
+    tol = 1e-4 * float(y.abs().max().clamp_min(1e-30)) if y.is_floating_point() else 0.0
+    for a in range(1, y.dim()):
+        if y.shape[a] != size:
+            continue
+        expected = torch.zeros_like(y)
+        idx = (slice(None),) * a + (c,)
+        expected[idx] = y[idx]
+        if torch.allclose(y2 - y, expected, rtol=1e-4, atol=tol):
+            found.add(a)
+    return found
+
+
+def _doubled_output(module: nn.Module, rec: Record, params: dict, c: int) -> torch.Tensor | None:
+    doubled = {}
+    for k, p in params.items():
+        q = p.detach().clone()
+        q[_out_slice(module, k, q, c)] *= 2
+        doubled[k] = q
+    with torch.no_grad():
+        y2 = functional_call(module, doubled, rec.args, rec.kwargs)
+    y2 = y2[0] if isinstance(y2, (tuple, list)) else y2
+    return y2 if isinstance(y2, torch.Tensor) and y2.shape == rec.y.shape else None
+
+
+def _probe_one(module: nn.Module, records: list[Record]) -> int | None:
+    """The output axis along which doubling one channel's own parameters doubles that channel of the
+    output and changes nothing else, in every recorded call; None if there is no such axis (a channel
+    whose output is zero everywhere is consistent with any axis and decides nothing)."""
+    params = dict(module.named_parameters(recurse=False))
+    size = _out_channels(module)
+    if not params or size is None or not all(isinstance(r.y, torch.Tensor) for r in records):
+        return None
+    axes = {a for a in range(1, records[0].y.dim()) if records[0].y.shape[a] == size}
+    for rec in records:
+        for c in sorted({0, size - 1}):
+            y2 = _doubled_output(module, rec, params, c)
+            if y2 is None:
+                return None
+            axes &= _axis_of_change(rec.y.detach(), y2, c, size)
+    return axes.pop() if len(axes) == 1 else None
+
+
+def probe_channel_axes(modules: Mapping[str, nn.Module],
+                       records: Mapping[str, list[Record]]) -> dict[nn.Module, int | None]:
+    """Measure the output channel axis of each of ``modules`` from its recorded calls (a forward pass under
+    :class:`~pyobc.scoring.capture.Capture`), by doubling one channel's own parameters and seeing which
+    output axis doubles at that index alone. None where no axis does (the layer is then scored through its
+    parameters). Layers that were not called are left out.
+
+    Example:
+        >>> from pyobc.scoring.capture import Capture
+        >>> class LN2d(nn.LayerNorm):
+        ...     def forward(self, x):
+        ...         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        >>> ln = LN2d(4)
+        >>> with Capture({"ln": ln}) as cap, torch.no_grad():
+        ...     _ = ln(torch.randn(2, 4, 4, 4))
+        >>> probe_channel_axes({"ln": ln}, cap.records) == {ln: 1}
+        True
+    """
+    return {m: _probe_one(m, list(records.get(n, []))) for n, m in modules.items() if records.get(n)}
+
+
+@contextlib.contextmanager
+def using_channel_axes(axes: Mapping[nn.Module, int | None]) -> Iterator[None]:
+    """Make ``axes`` (from :func:`probe_channel_axes`) what :func:`channel_dim` and :func:`gateable` answer
+    inside the block (the scoring engine wraps each run in it).
+
+    Example:
+        >>> ln = nn.LayerNorm(3)
+        >>> with using_channel_axes({ln: 1}):
+        ...     channel_dim(ln)
+        1
+    """
+    token = _PROBED.set(dict(axes))
+    try:
+        yield
+    finally:
+        _PROBED.reset(token)
 
 
 def _batch_dim(module: nn.Module) -> int:
@@ -57,6 +208,8 @@ def _conv_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> t
 
 
 def _closed_form_ok(module: nn.Module) -> bool:
+    if not standard_forward(module):
+        return False
     if isinstance(module, CONV):
         return (not module.transposed and module.padding_mode == "zeros" and not isinstance(module.padding, str))
     return isinstance(module, (nn.Linear, nn.LayerNorm) + STATISTICS_NORMS)
@@ -219,6 +372,8 @@ def activation_rows(kind: str, module: nn.Module, rec: Record, g: torch.Tensor,
 
 def supports_activation_rows(kind: str, module: nn.Module) -> bool:
     """Whether :func:`activation_rows` covers this member (otherwise use per-sample gradients)."""
+    if not gateable(module):
+        return False
     if kind in ("out", "depthwise", "in"):
         return is_weight_layer(module)
     if kind == "norm":
