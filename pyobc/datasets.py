@@ -30,7 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["NUM_CLASSES", "MEAN", "STD", "IMAGE_SIZES", "digits", "digits_tensors", "split_indices"]
+from .corpus import VOCAB_SIZE as TEXT_VOCAB_SIZE
+from .corpus import ByteTokenizer, token_stream
+
+__all__ = ["NUM_CLASSES", "MEAN", "STD", "IMAGE_SIZES", "digits", "digits_tensors", "split_indices",
+           "TEXT_VOCAB_SIZE", "ByteTokenizer", "text", "text_tokens"]
 
 NUM_CLASSES = 10
 #: Valid values of ``image_size``.
@@ -188,3 +192,60 @@ def digits(
         num_workers=int(num_workers),
         drop_last=bool(drop_last),
     )
+
+
+# ---------------------------------------------------------------------------------------------- text
+# Token ids of an English corpus for language models; the corpus, its split and the byte-level
+# tokenizer are described in :mod:`pyobc.corpus`.
+
+
+def text_tokens(split: str = "train") -> torch.Tensor:
+    """The ``"train"`` or ``"test"`` (held-out) split of pyobc's text corpus as one 1-D int64 token
+    stream (byte-level ids, :data:`TEXT_VOCAB_SIZE` = 259; see :mod:`pyobc.corpus`). Pass the test
+    stream to :func:`pyobc.metrics.perplexity`.
+
+    Example:
+        >>> from pyobc import datasets
+        >>> stream = datasets.text_tokens("test")
+        >>> stream.dim(), stream.dtype, int(stream.max()) < datasets.TEXT_VOCAB_SIZE
+        (1, torch.int64, True)
+    """
+    return token_stream(split)
+
+
+def text(
+    split: str = "train",
+    seq_len: int = 128,
+    batch_size: int = 16,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A :class:`~torch.utils.data.DataLoader` of token-id batches for causal language models.
+
+    The split's token stream (:func:`text_tokens`) is cut into non-overlapping windows of ``seq_len``
+    tokens (the remainder is dropped); each batch is a LongTensor (B, seq_len), ready for
+    :func:`pyobc.losses.causal_lm` (e.g. ``pyobc.score(model, loader, loss_fn=pyobc.losses.causal_lm)``).
+    ``shuffle`` defaults to True for ``"train"``; ``seed`` seeds the loader's own generator (torch's
+    global RNG is neither used nor changed).
+
+    Example:
+        >>> from pyobc import datasets
+        >>> batch = next(iter(datasets.text("train", seq_len=64, batch_size=4)))
+        >>> tuple(batch.shape), batch.dtype
+        ((4, 64), torch.int64)
+    """
+    _check_int("seq_len", seq_len, minimum=2)
+    _check_int("batch_size", batch_size, minimum=1)
+    _check_int("seed", seed)
+    stream = token_stream(split)
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"seq_len={seq_len} is longer than the {split!r} stream ({stream.numel()} tokens)")
+    if shuffle is None:
+        shuffle = split == "train"
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    windows = stream[: n * seq_len].reshape(n, seq_len)
+    return DataLoader(windows, batch_size=int(batch_size), shuffle=bool(shuffle), generator=generator,
+                      drop_last=bool(drop_last))

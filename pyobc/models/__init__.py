@@ -15,9 +15,14 @@ Example:
 
 ``train`` and ``evaluate`` are generic helpers (any model, any ``(x, y)`` loader) that pyobc
 also uses for fine-tuning.
+
+Language models (Hugging Face transformers, an optional dependency imported on first use):
+``tiny_llama`` builds a tiny Llama (grouped-query attention) over pyobc's byte vocabulary, and
+``trained_lm("tiny-llama")`` trains it once on the text corpus of :mod:`pyobc.corpus` (cached).
 """
 from __future__ import annotations
 
+from .lm import LM_RECIPES, LM_VERSION, LMTrainedInfo, lm_names, tiny_llama, trained_lm
 from .mlp import MLP, mlp
 from .resnet import BasicBlock, CifarResNet, resnet20, resnet32, resnet56
 from .training import RandomShift, default_param_groups, evaluate, train
@@ -28,6 +33,9 @@ from .zoo import RECIPES, ZOO_VERSION, TrainedInfo, get, names, trained, trained
 __all__ = [
     "BasicBlock",
     "CifarResNet",
+    "LMTrainedInfo",
+    "LM_RECIPES",
+    "LM_VERSION",
     "MLP",
     "RECIPES",
     "RandomShift",
@@ -38,14 +46,17 @@ __all__ = [
     "default_param_groups",
     "evaluate",
     "get",
+    "lm_names",
     "mlp",
     "names",
     "resnet20",
     "resnet32",
     "resnet56",
+    "tiny_llama",
     "train",
     "trained",
     "trained_info",
+    "trained_lm",
     "vgg11",
     "vgg16",
     "vgg19",
