@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["cache_dir", "atomic_save", "safe_load"]
+__all__ = ["cache_dir", "atomic_save", "safe_load", "save_model"]
 
 
 def cache_dir(override: str | os.PathLike | None = None, *parts: str) -> Path:
@@ -51,4 +52,19 @@ def safe_load(path: str | os.PathLike):
     except FileNotFoundError:
         return None
     except Exception:  # corrupted, truncated, from an incompatible version, not a torch file...
+        return None
+
+
+def save_model(model: torch.nn.Module, header: dict, path: str | os.PathLike, stacklevel: int = 2) -> Path | None:
+    """Cache a trained model: ``header`` (format, version, config, metadata), its CPU ``state_dict`` and the
+    torch version, written atomically to ``path``. Returns the path, or None with a warning (pointing
+    ``stacklevel`` frames up) when it cannot be written: the model is still usable, it is just trained
+    again next time."""
+    blob = {**header, "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "torch_version": str(torch.__version__)}
+    try:
+        return atomic_save(blob, path)
+    except OSError as exc:
+        warnings.warn(f"pyobc: could not write the model cache {path}: {exc}", RuntimeWarning,
+                      stacklevel=stacklevel + 1)
         return None

@@ -25,14 +25,13 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import corpus, datasets
-from .._cache import atomic_save, safe_load
+from .._cache import safe_load, save_model
 from .._cache import cache_dir as cache_root
 from ..losses import logits, next_token_loss
 from ..metrics import perplexity, unigram_perplexity
@@ -280,17 +279,5 @@ def _try_load(path: Path, config: dict) -> tuple[nn.Module, dict] | None:
 def _save(model: nn.Module, config: dict, meta: dict, path: Path) -> Path | None:
     """Write the weights and metadata to ``path``; returns it, or None (with a warning) when it cannot be
     written: the model is still usable, it is just trained again next time."""
-    blob = {
-        "format": _FORMAT,
-        "lm_version": LM_VERSION,
-        "config": config,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "torch_version": str(torch.__version__),
-        **meta,
-    }
-    try:
-        atomic_save(blob, path)
-    except OSError as exc:
-        warnings.warn(f"pyobc: could not write the model cache {path}: {exc}", RuntimeWarning, stacklevel=3)
-        return None
-    return path
+    return save_model(model, {"format": _FORMAT, "lm_version": LM_VERSION, "config": config, **meta}, path,
+                      stacklevel=3)

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import datasets
-from .._cache import atomic_save, safe_load
+from .._cache import safe_load, save_model
 from .._cache import cache_dir as cache_root
 from .mlp import mlp
 from .resnet import resnet20, resnet32, resnet56
@@ -314,21 +313,9 @@ def _train_now(config: dict, progress: bool | None, num_threads: int | None) -> 
 def _save(model: nn.Module, config: dict, meta: dict, path: Path) -> Path | None:
     """Write the weights and metadata to the cache file ``path``; returns it, or None (with a warning)
     when it cannot be written: the model is still usable, it is just trained again next time."""
-    blob = {
-        "format": _FORMAT,
-        "zoo_version": ZOO_VERSION,
-        "config": config,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "torch_version": str(torch.__version__),
-        **meta,
-    }
-    try:
-        atomic_save(blob, path)
-    except OSError as exc:
-        # stacklevel 3: the warning points at the caller of trained()
-        warnings.warn(f"pyobc: could not write the model cache {path}: {exc}", RuntimeWarning, stacklevel=3)
-        return None
-    return path
+    # stacklevel 3: a warning points at the caller of trained()
+    return save_model(model, {"format": _FORMAT, "zoo_version": ZOO_VERSION, "config": config, **meta}, path,
+                      stacklevel=3)
 
 
 def trained_info(model: nn.Module) -> TrainedInfo:
