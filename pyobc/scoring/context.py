@@ -20,6 +20,7 @@ from ..grouping import Group
 from ..nested import map_tensors
 from .capture import Capture, ModifiedInPlace
 from .layout import Layout
+from .per_sample import ChannelAxes
 
 __all__ = ["Batch", "Context", "LossFn", "default_loss"]
 
@@ -75,13 +76,17 @@ class Context:
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[Group], loss_fn: LossFn, device: torch.device,
-                 granularity: str, called: set[str] | None = None, progress: bool = False):
+                 granularity: str, called: set[str] | None = None, progress: bool = False,
+                 channel_axes: ChannelAxes | None = None):
         self.model = model
         self.groups = list(groups)
         self.loss_fn = loss_fn
         self.device = device
         self.granularity = granularity
         self.progress = progress  # criteria with long inner loops may show their own bar
+        #: the output channel axes measured for layers with their own ``forward`` (see
+        #: :func:`pyobc.scoring.per_sample.probe_channel_axes`); the others follow their class
+        self.channel_axes: ChannelAxes = dict(channel_axes or {})
         self.params: dict[str, torch.Tensor] = {
             n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
         self.layout = Layout(self.groups, self.params)

@@ -31,7 +31,7 @@ from ..progress import show_progress
 from .batches import first_forward, iter_batches, model_device, trace_inputs
 from .capture import modules_calling
 from .context import Batch, Context, LossFn, default_loss
-from .per_sample import modules_to_probe, probe_channel_axes, using_channel_axes
+from .per_sample import ChannelAxes, modules_to_probe, probe_channel_axes
 from .scores import Scores, model_signature
 
 __all__ = ["run"]
@@ -122,7 +122,7 @@ def _tracer_inputs(model: nn.Module, loss_fn: LossFn, first: Batch | None, examp
     return example_inputs, forward_fn
 
 
-def _channel_axes(model: nn.Module, example_inputs: Any, forward_fn: Any, source: str) -> dict[nn.Module, int | None]:
+def _channel_axes(model: nn.Module, example_inputs: Any, forward_fn: Any, source: str) -> ChannelAxes:
     """Run the model once on the tracer's inputs, so that a model that cannot take the data fails with one
     line before tracing, and measure the channel axes of layers with their own ``forward`` (see
     :func:`~pyobc.scoring.per_sample.probe_channel_axes`)."""
@@ -152,19 +152,19 @@ def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Co
         user_inputs = example_inputs
         example_inputs, forward_fn = _tracer_inputs(work_model, loss_fn, first, example_inputs, move, device)
         source = "two samples of the first batch" if user_inputs is None else "example_inputs"
-        with using_channel_axes(_channel_axes(work_model, example_inputs, forward_fn, source)):
-            called: set[str] = set()
-            groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers,
-                                  forward_fn=forward_fn, called=called, progress=show_progress(progress))
-            ctx = Context(work_model, groups, loss_fn, device, granularity, called=called,
-                          progress=show_progress(progress))
-            criterion = spec(ctx, **options)
-            counts = (_feed(criterion, itertools.chain([first], batches), spec.name)
-                      if spec.needs_data else (0, 0))
-            # data-parallel: agree with the other ranks, sum the accumulators (no-op in one process)
-            n_batches, n_samples = coordinator.combine(criterion, *counts, method=spec.name, groups=groups,
-                                                       first=first)
-            result = criterion.finalize()
+        axes = _channel_axes(work_model, example_inputs, forward_fn, source)
+        called: set[str] = set()
+        groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers,
+                              forward_fn=forward_fn, called=called, progress=show_progress(progress))
+        ctx = Context(work_model, groups, loss_fn, device, granularity, called=called,
+                      progress=show_progress(progress), channel_axes=axes)
+        criterion = spec(ctx, **options)
+        counts = (_feed(criterion, itertools.chain([first], batches), spec.name)
+                  if spec.needs_data else (0, 0))
+        # data-parallel: agree with the other ranks, sum the accumulators (no-op in one process)
+        n_batches, n_samples = coordinator.combine(criterion, *counts, method=spec.name, groups=groups,
+                                                   first=first)
+        result = criterion.finalize()
     return Scores(
         spec.name, groups, result.channel, options=options, batches=n_batches, samples=n_samples,
         granularity=granularity, parameter_scores=result.parameter if granularity == "weight" else None,

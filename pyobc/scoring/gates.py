@@ -54,10 +54,11 @@ def _channels(module: nn.Module, role: str) -> int:
     return module.num_features
 
 
-def _activation_source(modules: Mapping[str, nn.Module], called: set[str]):
+def _activation_source(ctx: Context):
     def source(m: Member) -> tuple[str, str, int] | None:
-        module = modules.get(m.module)
-        if module is None or m.module not in called or not supports_activation_rows(m.kind, module):
+        module = ctx.modules.get(m.module)
+        if (module is None or m.module not in ctx.called
+                or not supports_activation_rows(m.kind, module, ctx.channel_axes)):
             return None
         role = "in" if m.kind == "in" else "out"
         return (m.module, role, _channels(module, role))
@@ -67,7 +68,7 @@ def _activation_source(modules: Mapping[str, nn.Module], called: set[str]):
 def gate_layout(ctx: Context) -> Layout:
     """The layout whose sources are the gates: activation gates where possible, parameter gates else."""
     if ctx.gate_layout is None:
-        ctx.gate_layout = Layout(ctx.groups, ctx.params, activation=_activation_source(ctx.modules, ctx.called))
+        ctx.gate_layout = Layout(ctx.groups, ctx.params, activation=_activation_source(ctx))
     return ctx.gate_layout
 
 
@@ -167,7 +168,8 @@ class GatedModel:
                 continue
             if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
                 continue
-            if not gateable(module):  # its output is not per-channel affine in its own parameters
+            # its output is not per-channel affine in its own parameters
+            if not gateable(module, self.ctx.channel_axes):
                 continue
             own = {k: (f"{name}.{k}" if name else k) for k, _ in module.named_parameters(recurse=False)}
             if not own:
@@ -209,7 +211,7 @@ class GatedModel:
             how = module_eps.get(name)
             if g_in is None and g_out is None and how is None:
                 continue
-            d = channel_dim(module)
+            d = channel_dim(module, self.ctx.channel_axes)
             if g_in is not None:
                 def pre(mod, args, g=g_in, d=d, name=name):
                     x = args[0]

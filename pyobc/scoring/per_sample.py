@@ -13,9 +13,7 @@ convolution-weight-gradient call over the whole batch); any other module falls b
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Callable, Collection, Iterator, Mapping
+from typing import Callable, Collection, Mapping
 
 import torch
 import torch.nn as nn
@@ -27,15 +25,18 @@ from ..layers import BATCH_NORMS, CONV, NORMS, STATISTICS_NORMS, WEIGHT_LAYERS, 
 from .capture import Record
 
 __all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows", "MEMORY_BUDGET",
-           "standard_forward", "modules_to_probe", "probe_channel_axes", "using_channel_axes", "gateable"]
+           "standard_forward", "modules_to_probe", "probe_channel_axes", "ChannelAxes", "gateable"]
 
 #: bytes of per-sample gradients materialised at once; larger batches are processed in chunks
 MEMORY_BUDGET = 256 * 2**20
 
 #: output channel axes measured by :func:`probe_channel_axes` for the scoring run in progress
 #: (module -> axis, or None for a layer whose output is not per-channel affine in its own parameters)
-_PROBED: contextvars.ContextVar[Mapping[nn.Module, int | None]] = contextvars.ContextVar("pyobc_axes", default={})
 
+
+#: layer -> its probed output channel axis (None: no axis scales with its channel parameters), for the layers
+#: whose class overrides ``forward``; the others follow their class (see :func:`channel_dim`)
+ChannelAxes = Mapping[nn.Module, "int | None"]
 
 def standard_forward(module: nn.Module) -> bool:
     """Whether ``module`` runs the ``forward`` of the ``torch.nn`` class it derives from (not a subclass's own).
@@ -51,16 +52,17 @@ def standard_forward(module: nn.Module) -> bool:
     return base is not None and type(module).forward is base.forward
 
 
-def channel_dim(module: nn.Module) -> int:
-    """The channel axis of a layer's output: the axis measured by the probe of the run in progress (see
-    :func:`probe_channel_axes`) for layers with their own ``forward``, else 1 for conv/batch/group norm and
-    -1 for linear/layer norm.
+def channel_dim(module: nn.Module, axes: ChannelAxes) -> int:
+    """The channel axis of a layer's output: the axis the probe measured (``axes``, from
+    :func:`probe_channel_axes`; a scoring run keeps them in ``Context.channel_axes``) for layers with their
+    own ``forward``, else 1 for conv/batch/group norm and -1 for linear/layer norm.
 
     Example:
-        >>> channel_dim(nn.Conv2d(2, 3, 1)), channel_dim(nn.LayerNorm(3))
-        (1, -1)
+        >>> ln = nn.LayerNorm(3)
+        >>> channel_dim(nn.Conv2d(2, 3, 1), {}), channel_dim(ln, {}), channel_dim(ln, {ln: 1})
+        (1, -1, 1)
     """
-    axis = _PROBED.get().get(module)
+    axis = axes.get(module)
     if axis is not None:
         return axis
     if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
@@ -68,17 +70,17 @@ def channel_dim(module: nn.Module) -> int:
     return 1
 
 
-def gateable(module: nn.Module) -> bool:
+def gateable(module: nn.Module, axes: ChannelAxes) -> bool:
     """False for a layer whose probe found no output axis along which scaling a channel's parameters
     scales that channel of the output (e.g. a norm subclass that applies an activation after the affine
     map): such layers get parameter gates and vmapped per-sample gradients instead of closed forms.
 
     Example:
-        >>> gateable(nn.BatchNorm2d(3))
-        True
+        >>> bn = nn.BatchNorm2d(3)
+        >>> gateable(bn, {}), gateable(bn, {bn: None})
+        (True, False)
     """
-    probed = _PROBED.get()
-    return module not in probed or probed[module] is not None
+    return module not in axes or axes[module] is not None
 
 
 def modules_to_probe(model: nn.Module) -> dict[str, nn.Module]:
@@ -166,24 +168,6 @@ def probe_channel_axes(modules: Mapping[str, nn.Module],
         True
     """
     return {m: _probe_one(m, list(records.get(n, []))) for n, m in modules.items() if records.get(n)}
-
-
-@contextlib.contextmanager
-def using_channel_axes(axes: Mapping[nn.Module, int | None]) -> Iterator[None]:
-    """Make ``axes`` (from :func:`probe_channel_axes`) what :func:`channel_dim` and :func:`gateable` answer
-    inside the block (the scoring engine wraps each run in it).
-
-    Example:
-        >>> ln = nn.LayerNorm(3)
-        >>> with using_channel_axes({ln: 1}):
-        ...     channel_dim(ln)
-        1
-    """
-    token = _PROBED.set(dict(axes))
-    try:
-        yield
-    finally:
-        _PROBED.reset(token)
 
 
 def _batch_dim(module: nn.Module) -> int:
@@ -354,15 +338,15 @@ def sq_grad_sums(module: nn.Module, calls: list[tuple[Record, list]], scale: flo
     return total
 
 
-def activation_rows(kind: str, module: nn.Module, rec: Record, g: torch.Tensor,
+def activation_rows(kind: str, module: nn.Module, rec: Record, g: torch.Tensor, axes: ChannelAxes,
                     input_grad: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Per-sample channel rows ``(N, C)`` of a member from activations (METHODS.md identities).
 
     ``out``/``depthwise``/``norm``: ``sum over positions of G * Y`` per output channel.
     ``in``: ``sum over positions of X * (dL/dX through this layer)`` per input channel; ``input_grad``
-    returns that gradient.
+    returns that gradient. ``axes``: the probed channel axes (see :func:`channel_dim`).
     """
-    d = channel_dim(module)
+    d = channel_dim(module, axes)
     if kind in ("out", "depthwise", "norm"):
         return ops.channel_dot(g.detach(), rec.y.detach(), d, per_sample=True)
     if kind == "in":
@@ -370,9 +354,9 @@ def activation_rows(kind: str, module: nn.Module, rec: Record, g: torch.Tensor,
     raise ValueError(f"no activation rows for member kind {kind!r}")
 
 
-def supports_activation_rows(kind: str, module: nn.Module) -> bool:
+def supports_activation_rows(kind: str, module: nn.Module, axes: ChannelAxes) -> bool:
     """Whether :func:`activation_rows` covers this member (otherwise use per-sample gradients)."""
-    if not gateable(module):
+    if not gateable(module, axes):
         return False
     if kind in ("out", "depthwise", "in"):
         return is_weight_layer(module)

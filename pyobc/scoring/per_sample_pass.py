@@ -49,7 +49,8 @@ class PerSamplePass:
             for gi, g in enumerate(ctx.groups):
                 for mi, m in enumerate(g.members):
                     module = ctx.modules.get(m.module)
-                    if module is not None and m.module in ctx.called and supports_activation_rows(m.kind, module):
+                    if (module is not None and m.module in ctx.called
+                            and supports_activation_rows(m.kind, module, ctx.channel_axes)):
                         watch[m.module] = module
                         self._row_members.append((gi, mi, m, module))
                     else:
@@ -132,7 +133,7 @@ class PerSamplePass:
                 g = self.grad_out.get((m.module, k))
                 if g is None:
                     continue
-                r = activation_rows(m.kind, module, rec, g,
+                r = activation_rows(m.kind, module, rec, g, ctx.channel_axes,
                                     input_grad=lambda rec=rec, g=g: torch.autograd.grad(
                                         rec.y, rec.x, g, retain_graph=True)[0])
                 total = r if total is None else total + r
