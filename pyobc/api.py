@@ -32,6 +32,7 @@ def score(
     granularity: str = "channel",
     progress: bool | None = None,
     ignored_layers: Sequence[nn.Module | str] = (),
+    heads: str = "kv",
     distributed: Any = None,
     **options: Any,
 ) -> Scores:
@@ -55,6 +56,10 @@ def score(
             define them; see :meth:`Scores.by_parameter`).
         progress: tqdm progress bar over batches; default on only when stderr is a terminal.
         ignored_layers: modules (or names) whose out-channels must not be pruned.
+        heads: what one channel of an attention module is, for the attention layouts pyobc knows (timm,
+            Hugging Face Llama/Mistral/Qwen, BERT, GPT-2): ``"kv"`` (default) a key/value head with the
+            query heads that share it (an attention head without grouped-query attention); ``"query"``
+            one query head, the same number cut from every key/value group.
         distributed: data-parallel scoring (see ``docs/distributed.md``). ``None`` (default): when
             ``torch.distributed`` is initialised with more than one process, each rank scores its own
             loader (its shard, e.g. :func:`pyobc.distributed.sharded_loader`) and the accumulators are
@@ -76,7 +81,7 @@ def score(
     try:
         return engine.run(get_method(method), model, loader, coordinator=coordinator, loss_fn=loss_fn,
                           example_inputs=example_inputs, max_batches=max_batches, device=device,
-                          granularity=granularity, progress=progress, ignored_layers=ignored_layers,
+                          granularity=granularity, progress=progress, ignored_layers=ignored_layers, heads=heads,
                           options=options)
     except Exception as exc:
         coordinator.fail(exc)  # data-parallel: the other ranks raise too instead of waiting in a collective

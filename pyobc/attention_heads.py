@@ -36,11 +36,10 @@ import dataclasses
 
 import torch.nn as nn
 
-from .layers import CONV, is_prunable_layer
+from .layers import CONV, is_prunable_layer, is_transposed_linear
 
 __all__ = ["HEAD_ATTRIBUTES", "QKV_NAMES", "OUT_NAMES", "WIDTH_ATTRIBUTES", "is_attention_module", "attention_layers",
-           "int_width_layers", "HeadLayout",
-           "fused_head_layout", "head_layouts"]
+           "int_width_layers", "HeadLayout", "fused_head_layout", "head_family", "head_layouts", "sync_heads"]
 
 #: integer attributes that carry a head count or a head width
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "head_dim",
@@ -102,15 +101,34 @@ def attention_layers(model: nn.Module) -> dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class HeadLayout:
-    """Where the heads of one fused attention module live: ``qkv`` rows ``[k * num_heads * head_dim +
-    h * head_dim, ... + head_dim)`` for q, k, v (``k`` = 0, 1, 2) and ``proj`` columns ``[h * head_dim, ...)``
-    belong to head ``h``."""
+    """Where the heads of one attention module live.
+
+    ``q``, ``k`` and ``v`` name the layers whose output rows hold the query, key and value heads (the
+    same name three times when they are fused, rows ``[q | k | v]``); ``out`` names the output projection,
+    whose input columns hold the query heads. Query head ``h`` uses key/value head ``h // (num_heads //
+    num_kv_heads)`` (grouped-query attention; ``num_kv_heads == num_heads`` without it). ``family`` says
+    which module attributes follow a cut (:func:`sync_heads`): ``fused`` (timm's ``Attention``),
+    ``separate`` (Hugging Face Llama / Mistral / Qwen2 / Qwen3... ``q_proj``...``o_proj``), ``bert``
+    (``query``/``key``/``value``, with the output projection in the sibling ``output.dense``), ``gpt2``
+    (``Conv1D`` ``c_attn``/``c_proj``).
+    """
 
     module: str
-    qkv: str
-    proj: str
+    family: str
+    q: str
+    k: str
+    v: str
+    out: str
     num_heads: int
+    num_kv_heads: int
     head_dim: int
+
+    def row_offsets(self) -> tuple[int, int, int]:
+        """Where the q, k and v rows start in their layers (non-zero only for fused layers)."""
+        if self.q != self.k:
+            return 0, 0, 0
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return 0, q_width, q_width + kv_width
 
 
 def _int(value: object) -> bool:
@@ -144,21 +162,129 @@ def fused_head_layout(module: nn.Module) -> tuple[int, int] | None:
     return int(heads), int(dim)
 
 
+def head_family(module: nn.Module) -> str | None:
+    """The :class:`HeadLayout` family of ``module`` from its children and attributes (not from its widths,
+    which a cut changes before :func:`sync_heads` runs), or None.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> class Attention(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.head_dim, self.num_key_value_groups = 4, 2
+        ...         self.q_proj, self.o_proj = nn.Linear(8, 16), nn.Linear(16, 8)
+        ...         self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+        >>> head_family(Attention()), head_family(nn.Linear(2, 2))
+        ('separate', None)
+    """
+    if isinstance(module, nn.MultiheadAttention) or list(module.parameters(recurse=False)):
+        return None  # per-head parameters of the module itself (attention sinks...) would not follow a cut
+    kids = dict(module.named_children())
+    linear = (lambda *names: all(type(kids.get(n)) is nn.Linear for n in names))
+    if linear("q_proj", "k_proj", "v_proj", "o_proj") and _int(getattr(module, "head_dim", None)):
+        return "separate"
+    if linear("query", "key", "value") and _int(getattr(module, "attention_head_size", None)) \
+            and _int(getattr(module, "num_attention_heads", None)):
+        return "bert"
+    if (all(is_transposed_linear(kids.get(n)) for n in ("c_attn", "c_proj")) and "q_attn" not in kids
+            and all(_int(getattr(module, a, None)) for a in ("num_heads", "head_dim", "split_size"))):
+        return "gpt2"
+    if (linear("qkv", "proj") and all(_int(getattr(module, a, None)) for a in ("num_heads", "head_dim", "attn_dim"))
+            and getattr(module, "gate", None) is None
+            and isinstance(getattr(module, "norm", nn.Identity()), nn.Identity)):
+        return "fused"
+    return None
+
+
+def _layout(name: str, module: nn.Module, parent: nn.Module | None) -> HeadLayout | None:
+    """The module's :class:`HeadLayout` when its widths are consistent, else None."""
+    family = head_family(module)
+    p = (lambda child: f"{name}.{child}" if name else child)
+    if family == "fused":
+        if fused_head_layout(module) is None:
+            return None
+        heads, dim = fused_head_layout(module)
+        return HeadLayout(name, family, p("qkv"), p("qkv"), p("qkv"), p("proj"), heads, heads, dim)
+    if family == "separate":
+        dim = module.head_dim
+        q, k, v, o = module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features, \
+            module.o_proj.in_features
+        groups = getattr(module, "num_key_value_groups", None)
+        if q % dim or k % dim or k != v or o != q or (q // dim) % (k // dim) or \
+                (groups is not None and groups != (q // dim) // (k // dim)):
+            return None
+        return HeadLayout(name, family, p("q_proj"), p("k_proj"), p("v_proj"), p("o_proj"), q // dim, k // dim, dim)
+    if family == "bert":
+        dim, heads = module.attention_head_size, module.num_attention_heads
+        out = getattr(getattr(parent, "output", None), "dense", None)
+        widths = {module.query.out_features, module.key.out_features, module.value.out_features}
+        if getattr(parent, "self", None) is not module or type(out) is not nn.Linear or widths != {heads * dim} \
+                or out.in_features != heads * dim:
+            return None
+        base = name.rpartition(".")[0]
+        return HeadLayout(name, family, p("query"), p("key"), p("value"), f"{base}.output.dense" if base else
+                          "output.dense", heads, heads, dim)
+    if family == "gpt2":
+        heads, dim, split = module.num_heads, module.head_dim, module.split_size
+        if split != heads * dim or module.c_attn.weight.shape[1] != 3 * split or module.c_proj.weight.shape[0] != split:
+            return None
+        return HeadLayout(name, family, p("c_attn"), p("c_attn"), p("c_attn"), p("c_proj"), heads, heads, dim)
+    return None
+
+
 def head_layouts(model: nn.Module) -> list[HeadLayout]:
-    """The :class:`HeadLayout` of every attention module of ``model`` that :func:`fused_head_layout` accepts.
+    """The :class:`HeadLayout` of every attention module of ``model`` whose whole heads pyobc can prune.
 
     Example:
         >>> import torch.nn as nn
         >>> head_layouts(nn.Sequential(nn.Linear(2, 2)))
         []
     """
+    modules = dict(model.named_modules())
     out = []
-    for name, module in model.named_modules():
-        layout = fused_head_layout(module)
-        if layout is not None and is_attention_module(module):
-            prefix = f"{name}." if name else ""
-            out.append(HeadLayout(name, prefix + "qkv", prefix + "proj", *layout))
+    for name, module in modules.items():
+        if head_family(module) is None or not is_attention_module(module):
+            continue
+        layout = _layout(name, module, modules.get(name.rpartition(".")[0]) if name else None)
+        if layout is not None:
+            out.append(layout)
     return out
+
+
+def sync_heads(module: nn.Module) -> None:
+    """Set an attention module's head attributes from its projections' widths after whole heads were cut
+    (``head_dim`` never changes); ValueError when the widths are not whole, consistent heads."""
+    family = head_family(module)
+    if family == "fused":
+        width = int(module.proj.weight.shape[1])
+        _check(width % module.head_dim == 0 and int(module.qkv.weight.shape[0]) == 3 * width, module)
+        module.num_heads, module.attn_dim = width // module.head_dim, width
+    elif family == "separate":
+        dim, q, k = module.head_dim, module.q_proj.out_features, module.k_proj.out_features
+        _check(q % dim == 0 and k % dim == 0 and k > 0 and (q // dim) % (k // dim) == 0
+               and module.v_proj.out_features == k and module.o_proj.in_features == q, module)
+        for attr, value in (("num_key_value_groups", q // k), ("num_heads", q // dim),
+                            ("num_attention_heads", q // dim), ("num_key_value_heads", k // dim)):
+            if _int(getattr(module, attr, None)):
+                setattr(module, attr, value)
+    elif family == "bert":
+        width = module.query.out_features
+        _check(width % module.attention_head_size == 0 and module.key.out_features == width
+               and module.value.out_features == width, module)
+        module.num_attention_heads, module.all_head_size = width // module.attention_head_size, width
+    elif family == "gpt2":
+        width = int(module.c_proj.weight.shape[0])
+        _check(width % module.head_dim == 0 and int(module.c_attn.weight.shape[1]) == 3 * width, module)
+        module.num_heads, module.split_size = width // module.head_dim, width
+    else:
+        raise ValueError(f"{type(module).__name__} is not an attention module whose heads pyobc cuts")
+
+
+def _check(ok: bool, module: nn.Module) -> None:
+    if not ok:
+        shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+        raise ValueError(f"{type(module).__name__}: the projections do not hold whole, consistent heads "
+                         f"after the cut: {shapes}")
 
 
 def int_width_layers(model: nn.Module) -> dict[str, str]:

@@ -31,7 +31,7 @@ from .layers import CONV, LINEAR, is_transposed_linear
 from .model_state import preserved_state, unwrap_model
 from .nested import tensors_in
 
-__all__ = ["IN_AXIS", "Slice", "Member", "Group", "build_groups", "canonical_parameter_names"]
+__all__ = ["IN_AXIS", "HEAD_STRUCTURES", "Slice", "Member", "Group", "build_groups", "canonical_parameter_names"]
 
 #: Axis tag for "input channels" of a conv/linear weight: axis 1, expanded by the layer's ``groups``
 #: (for a grouped conv, input channel ``g*I_g + j`` lives at ``weight[g*O_g:(g+1)*O_g, j]``).
@@ -290,6 +290,7 @@ def build_groups(
     progress: bool = False,
     seconds: float = SEARCH_SECONDS,
     cache: bool = True,
+    heads: str = "kv",
 ) -> list[Group]:
     """Find the prunable groups of ``model`` with Torch-Pruning's DependencyGraph.
 
@@ -310,19 +311,28 @@ def build_groups(
     than ``seconds`` raises :class:`~pyobc.errors.GroupSearchTimeout`. Groups are cached per
     model structure (:mod:`pyobc.grouping_cache`; ``cache=False`` traces anew).
 
+    Attention modules whose head layout pyobc knows (:func:`pyobc.attention_heads.head_layouts`: timm's
+    fused ``Attention``, Hugging Face Llama-family, BERT and GPT-2 attention) get one group each whose
+    channels are whole heads, built from the module itself rather than traced: ``heads="kv"`` (default)
+    makes a channel a key/value head together with the query heads that share it (one attention head
+    where there is no grouped-query attention); ``heads="query"`` makes it one query head, with the same
+    number cut from every key/value group.
+
     Raises:
         ValueError: the model has no prunable layer.
         NotImplementedError: a group contains a layer type pyobc cannot score (named in the message).
     """
     model = unwrap_model(model)
+    if heads not in HEAD_STRUCTURES:
+        raise ValueError(f"heads must be one of {HEAD_STRUCTURES}, got {heads!r}")
     ignored = _ignored_ids(model, ignored_layers)
     key = None
     if cache:
         ignored_names = [n for n, m in model.named_modules() if id(m) in ignored]
-        key = grouping_cache.structure_key(model, example_inputs, forward_fn, ignored_names, seconds)
+        key = grouping_cache.structure_key(model, example_inputs, forward_fn, ignored_names, seconds, heads)
     hit = grouping_cache.lookup(key) if key is not None else None
     if hit is None:
-        hit = _build(model, example_inputs, ignored, forward_fn, progress, seconds)
+        hit = _build(model, example_inputs, ignored, forward_fn, progress, seconds, heads)
         if key is not None:
             grouping_cache.store(key, hit)
     groups, seen, message = hit
@@ -334,7 +344,7 @@ def build_groups(
 
 
 def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn: Any, progress: bool,
-           seconds: float) -> tuple[tuple[Group, ...], frozenset[str], str]:
+           seconds: float, heads: str) -> tuple[tuple[Group, ...], frozenset[str], str]:
     """:func:`build_groups` without the cache: (groups, names of the modules the forward called, the
     warning to give, '' for none)."""
     import torch_pruning as tp  # imported on first use: it takes a second to import
@@ -351,7 +361,7 @@ def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn:
         dg, model, converter.names, CONV + LINEAR + tuple(transposed), skip_roots, seconds=seconds,
         progress=progress)
     groups = [g for tp_group in tp_groups if (g := converter.convert(tp_group)) is not None]
-    groups += converter.head_groups(model, seen)
+    groups += converter.head_groups(model, seen, heads)
     if converter.unsupported:
         raise NotImplementedError(
             "pyobc cannot score these layers, which are coupled to prunable channels: "
@@ -458,8 +468,13 @@ class _GroupConverter:
         self.canonical = canonical_parameter_names(model)
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.unsupported: set[str] = set()
-        self.skipped: dict[str, list[str]] = {"attention": [], "indices": [], "search": []}
+        self.skipped: dict[str, list[str]] = {"attention": [], "indices": [], "search": [], "tied": []}
+        self.tied_owners: dict[str, set[str]] = {}  # a tied parameter's first name -> every module holding it
+        for alias, first in self.canonical.items():
+            if alias != first:
+                self.tied_owners.setdefault(first, {first.rpartition(".")[0]}).add(alias.rpartition(".")[0])
         self.heads: list[str] = []
+        self.touched_attention: list[set[str]] = []  # per skipped["attention"] entry: the attention modules
 
     def convert(self, tp_group: Any) -> Group | None:
         """The group, or None when it must not be pruned (an ignored layer, a model output) or is empty."""
@@ -487,8 +502,15 @@ class _GroupConverter:
         (recorded in :attr:`skipped`)."""
         attention = sorted({self.protected[m.module] for m in members if m.module in self.protected})
         if attention:
+            self.touched_attention.append(set(attention))
             self.skipped["attention"].append(f"{root} (widths of {', '.join(attention)})")
             return True
+        modules = {m.module for m in members}
+        for param in {sl.param for m in members for sl in m.slices}:
+            outside = sorted(self.tied_owners.get(param, set()) - modules)
+            if outside:  # a tied weight (an LM head tied to the embedding) read by a layer the group does not cut
+                self.skipped["tied"].append(f"{root} ({param} is also used by {', '.join(outside)})")
+                return True
         for m in members:
             for sl in m.slices:
                 n = _axis_length(self.shapes[sl.param], sl)
@@ -499,21 +521,21 @@ class _GroupConverter:
                     return True
         return False
 
-    def head_groups(self, model: nn.Module, seen: set[str]) -> list[Group]:
+    def head_groups(self, model: nn.Module, seen: set[str], structure: str) -> list[Group]:
         """One group per attention module whose whole heads pyobc can prune (:func:`_head_group`), for
         the modules the forward called and no ignored layer touches."""
         out = []
         for h in head_layouts(model):
-            names = (h.module, h.qkv, h.proj)
+            names = (h.module, h.q, h.k, h.v, h.out)
             if h.module in seen and not any(id(model.get_submodule(n)) in self.ignored for n in names):
-                out.append(_head_group(model, h, self.canonical))
+                out.append(_head_group(model, h, self.canonical, structure))
                 self.heads.append(h.module)
         return out
 
     def summary(self) -> str:
         """The groups left out, as sentences for messages ('' when none)."""
         parts = []
-        modules = sorted({name or "<model>" for name in self.protected.values()})
+        modules = sorted({name or "<model>" for name in self.protected.values()} - set(self.heads))
         if self.skipped["attention"]:
             parts.append("; groups left whole because they would change attention widths: "
                          + ", ".join(self.skipped["attention"]))
@@ -521,10 +543,14 @@ class _GroupConverter:
             parts.append(f"; the widths of {len(modules)} module(s) that keep head layouts or widths in int "
                          "attributes are left whole (attention projections, layers of that width, and every group "
                          "coupled to them): " + ", ".join(modules[:8]) + (", ..." if len(modules) > 8 else "")
-                         + (f"; {len(self.heads)} of them lose whole heads instead" if self.heads else ""))
+                         + (f" ({len(self.heads)} other attention module(s) lose whole heads instead)"
+                            if self.heads else ""))
         if self.skipped["indices"]:
             parts.append("; groups refused because Torch-Pruning's channel indices fall outside the tensors: "
                          + ", ".join(self.skipped["indices"]))
+        if self.skipped["tied"]:
+            parts.append("; groups left whole because they would cut a tied parameter that another layer also "
+                         "reads: " + ", ".join(self.skipped["tied"]))
         if self.skipped["search"]:
             parts.append("; groups refused because Torch-Pruning's index lists exploded (reshapes that fold "
                          "positions into channels) when rooted at: " + ", ".join(self.skipped["search"]))
@@ -532,7 +558,10 @@ class _GroupConverter:
 
     def message(self) -> str:
         """One warning naming the groups left out ('' when none)."""
-        if self.protected or any(self.skipped.values()):
+        # a model whose every attention module loses whole heads keeps its hidden width by design: no warning
+        quiet = all(t <= set(self.heads) for t in self.touched_attention)
+        other = any(v for k, v in self.skipped.items() if k != "attention")
+        if set(self.protected.values()) - set(self.heads) or other or not quiet:
             return "pyobc: " + self.summary()[2:]
         return ""
 
@@ -564,26 +593,58 @@ class _GroupConverter:
         return Member(name, kind, module_type, index, root, tuple(slices)) if slices else None
 
 
-def _head_group(model: nn.Module, h: HeadLayout, canonical: dict[str, str]) -> Group:
-    """The group whose channels are the heads of one fused attention module (see
-    :func:`pyobc.attention_heads.fused_head_layout`): each head's q, k and v rows of ``qkv``, its columns of
-    ``proj``, and a ``heads`` member for the module's own ``num_heads``/``attn_dim``."""
-    width = h.num_heads * h.head_dim
-    cols = torch.arange(width)
-    col_head = cols // h.head_dim
-    rows = torch.cat([cols + k * width for k in range(3)])
-    row_head = col_head.repeat(3)
-    name = (lambda layer, attr: canonical.get(f"{layer}.{attr}", f"{layer}.{attr}"))
-    qkv_slices = [Slice(name(h.qkv, "weight"), 0, rows, row_head)]
-    if model.get_submodule(h.qkv).bias is not None:
-        qkv_slices.append(Slice(name(h.qkv, "bias"), 0, rows, row_head))
-    heads = torch.arange(h.num_heads)
-    members = (
-        Member(h.qkv, "out", "Linear", rows, row_head, tuple(qkv_slices)),
-        Member(h.proj, "in", "Linear", cols, col_head, (Slice(name(h.proj, "weight"), IN_AXIS, cols, col_head),)),
-        Member(h.module, "heads", type(model.get_submodule(h.module)).__name__, heads, heads, ()),
-    )
-    return Group(root=h.qkv, size=h.num_heads, members=members)
+#: what a channel of an attention module's head group is (the ``heads`` argument of :func:`build_groups`)
+HEAD_STRUCTURES = ("kv", "query")
+
+
+def _head_positions(h: HeadLayout, heads: torch.Tensor, offset: int) -> torch.Tensor:
+    """Rows (or columns) ``offset + head * head_dim + [0, head_dim)`` of ``heads``, in head order."""
+    return (offset + heads[:, None] * h.head_dim + torch.arange(h.head_dim)).reshape(-1)
+
+
+def _head_group(model: nn.Module, h: HeadLayout, canonical: dict[str, str], structure: str) -> Group:
+    """The group whose channels are the heads of one attention module (:class:`HeadLayout`).
+
+    ``structure="kv"``: a channel is a key/value head with every query head that shares it (its q, k and v
+    rows and its query heads' columns of the output projection); without grouped-query attention that is
+    one attention head. ``"query"``: a channel is one query head (q rows and output columns); the key/value
+    heads stay, and the group's ``divisor`` (the key/value head count) makes every key/value group lose the
+    same number of query heads. A ``heads`` member carries the module, whose attributes follow the cut.
+    """
+    per_kv = h.num_heads // h.num_kv_heads
+    q_heads = torch.arange(h.num_heads)
+    by_kv = structure == "kv" or per_kv == 1
+    q_root = q_heads // per_kv if by_kv else q_heads
+    q_off, k_off, v_off = h.row_offsets()
+    rows: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def add(layer: str, heads: torch.Tensor, roots: torch.Tensor, offset: int) -> None:
+        idx, root = rows.setdefault(layer, ([], []))
+        idx.append(_head_positions(h, heads, offset))
+        root.append(roots.repeat_interleave(h.head_dim))
+
+    add(h.q, q_heads, q_root, q_off)
+    if by_kv:
+        kv = torch.arange(h.num_kv_heads)
+        add(h.k, kv, kv, k_off)
+        add(h.v, kv, kv, v_off)
+    members = []
+    for layer, (idx, root) in rows.items():
+        members.append(_named_member(model, layer, "out", torch.cat(idx), torch.cat(root), canonical))
+    cols = _head_positions(h, q_heads, 0)
+    members.append(_named_member(model, h.out, "in", cols, q_root.repeat_interleave(h.head_dim), canonical))
+    size = h.num_kv_heads if by_kv else h.num_heads
+    channels = torch.arange(size)
+    members.append(Member(h.module, "heads", type(model.get_submodule(h.module)).__name__, channels, channels, ()))
+    return Group(root=h.q, size=size, members=tuple(members), divisor=1 if by_kv else h.num_kv_heads)
+
+
+def _named_member(model: nn.Module, layer: str, kind: str, index: torch.Tensor, root: torch.Tensor,
+                  canonical: dict[str, str]) -> Member:
+    module = model.get_submodule(layer)
+    slices = tuple(dataclasses.replace(sl, param=canonical.get(sl.param, sl.param))
+                   for sl in _slices_for(kind, module, layer, index, root))
+    return Member(layer, kind, type(module).__name__, index, root, slices)
 
 
 #: returned by :meth:`_GroupConverter._member` for a dependency that makes its whole group unprunable

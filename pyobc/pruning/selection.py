@@ -35,13 +35,17 @@ Measure = Callable[[Mapping[str, torch.Tensor]], float]
 def head_of_channel(group: Group) -> torch.Tensor | None:
     """Head index of each root channel for groups that feed attention (``divisor`` heads), else None.
 
+    For ``nn.MultiheadAttention`` members a channel's head is its embedding channel's head; for the query
+    heads of a grouped-query attention module (a ``heads`` member with ``divisor`` key/value heads) it is
+    the key/value group the query head belongs to.
+
     None also when the attention members disagree or heads are uneven (then only the kept count is
     constrained to a multiple of the head count)."""
     if group.divisor <= 1:
         return None
     heads = None
     for m in group.members:
-        if m.kind != "attention":
+        if m.kind not in ("attention", "heads"):
             continue
         width = int(m.index.max()) + 1 if m.index.numel() else 0
         if width % group.divisor:

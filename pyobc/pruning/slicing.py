@@ -35,11 +35,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..attention_heads import fused_head_layout
+from ..attention_heads import head_family, sync_heads
 from ..grouping import IN_AXIS, Group, Member, Slice
 from ..layers import BATCH_NORMS, CONV, INSTANCE_NORMS, LINEAR, is_transposed_linear
 from ..masking import removed_mask
 from ..ops import gather_channels
+from .model_config import sync_config
 
 __all__ = ["Rule", "RULES", "rule_for", "find_target", "check_member", "slice_axis", "cuts", "shapes_after",
            "apply_keep", "apply_remove", "owner", "owner_tensor", "check_groups", "broken_model_message"]
@@ -80,17 +81,6 @@ def _sync_attention(m: nn.MultiheadAttention, before: Mapping[str, int]) -> None
                 m.q_proj_weight.mul_(scale)
             if m.in_proj_bias is not None:
                 m.in_proj_bias[:e].mul_(scale)
-
-
-def _sync_heads(m: nn.Module, before: Mapping[str, int]) -> None:
-    """A fused attention module (:func:`pyobc.attention_heads.fused_head_layout`) after whole heads were
-    cut from its ``qkv`` rows and ``proj`` columns: ``num_heads`` and ``attn_dim`` follow ``proj``."""
-    width = int(m.proj.weight.shape[1])
-    if width % m.head_dim or int(m.qkv.weight.shape[0]) != 3 * width:
-        raise ValueError(f"attention with head_dim={m.head_dim} cannot have qkv {tuple(m.qkv.weight.shape)} "
-                         f"and proj {tuple(m.proj.weight.shape)}")
-    m.num_heads = width // m.head_dim
-    m.attn_dim = width
 
 
 def _check_conv_out(m: nn.Module) -> str | None:
@@ -178,7 +168,8 @@ RULES: tuple[Rule, ...] = (
     Rule("prelu", (nn.PReLU,), sync=_set(num_parameters=_weight_size(0))),
     Rule("embedding", (nn.Embedding,), sync=_set(embedding_dim=_weight_size(1))),
     Rule("attention", (nn.MultiheadAttention,), sync=_sync_attention),
-    Rule("heads", (), sync=_sync_heads, match=lambda m: isinstance(m, nn.Module) and fused_head_layout(m) is not None),
+    Rule("heads", (), sync=lambda m, before: sync_heads(m),
+         match=lambda m: isinstance(m, nn.Module) and head_family(m) is not None),
     Rule("param", (nn.Parameter,)),
 )
 
@@ -388,6 +379,7 @@ def apply_remove(model: nn.Module, groups: Sequence[Group], remove: Mapping[str,
             mod._buffers[attr] = t
     for m, rule in touched:
         rule.sync(m, before[id(m)])
+    sync_config(model)
 
 
 def broken_model_message(error: Exception, groups: Sequence[Group], remove: Mapping[str, torch.Tensor]) -> str:

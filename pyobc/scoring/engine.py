@@ -134,7 +134,8 @@ def _channel_axes(model: nn.Module, example_inputs: Any, forward_fn: Any, source
 def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Coordinator,
         loss_fn: LossFn | None = None, example_inputs: Any = None, max_batches: int | None = None,
         device: str | torch.device | None = None, granularity: str = "channel", progress: bool | None = None,
-        ignored_layers: Sequence[nn.Module | str] = (), options: dict[str, Any] | None = None) -> Scores:
+        ignored_layers: Sequence[nn.Module | str] = (), heads: str = "kv",
+        options: dict[str, Any] | None = None) -> Scores:
     """Score ``model`` with the criterion class ``spec``; the arguments are those of :func:`pyobc.score`."""
     check_arguments(spec, loader=loader, loss_fn=loss_fn, example_inputs=example_inputs,
                     max_batches=max_batches, granularity=granularity)
@@ -154,7 +155,7 @@ def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Co
         source = "two samples of the first batch" if user_inputs is None else "example_inputs"
         axes = _channel_axes(work_model, example_inputs, forward_fn, source)
         called: set[str] = set()
-        groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers,
+        groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers, heads=heads,
                               forward_fn=forward_fn, called=called, progress=show_progress(progress))
         ctx = Context(work_model, groups, loss_fn, device, granularity, called=called,
                       progress=show_progress(progress), channel_axes=axes)
