@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from .blockwise import score_blockwise
 from .criteria import get_method
 from .distributed import Coordinator
 from .scoring import engine
@@ -33,6 +34,7 @@ def score(
     progress: bool | None = None,
     ignored_layers: Sequence[nn.Module | str] = (),
     heads: str = "kv",
+    blockwise: bool = False,
     distributed: Any = None,
     **options: Any,
 ) -> Scores:
@@ -60,6 +62,10 @@ def score(
             Hugging Face Llama/Mistral/Qwen, BERT, GPT-2): ``"kv"`` (default) a key/value head with the
             query heads that share it (an attention head without grouped-query attention); ``"query"``
             one query head, the same number cut from every key/value group.
+        blockwise: score a transformer's layers one at a time (:mod:`pyobc.blockwise`): peak memory of
+            one layer's pass plus the recorded hidden states, for models whose whole second-order pass does
+            not fit. Exact for magnitude, taylor, jacobian and obd; ``oba`` keeps the curvature inside each
+            layer. Needs ``loss_fn``; scores only the decoder layers' heads and MLP neurons.
         distributed: data-parallel scoring (see ``docs/distributed.md``). ``None`` (default): when
             ``torch.distributed`` is initialised with more than one process, each rank scores its own
             loader (its shard, e.g. :func:`pyobc.distributed.sharded_loader`) and the accumulators are
@@ -77,6 +83,11 @@ def score(
         >>> scores.by_module()["conv1"].shape                                   # doctest: +SKIP
         torch.Size([16])
     """
+    if blockwise:
+        if distributed not in (None, False) or device is not None or example_inputs is not None or ignored_layers:
+            raise ValueError("blockwise=True does not take distributed, device, example_inputs or ignored_layers")
+        return score_blockwise(get_method(method), model, loader, loss_fn=loss_fn, max_batches=max_batches,
+                               progress=progress, heads=heads, granularity=granularity, options=options)
     coordinator = Coordinator(distributed)
     try:
         return engine.run(get_method(method), model, loader, coordinator=coordinator, loss_fn=loss_fn,

@@ -9,10 +9,13 @@ embedding width those projections read, which several of them reshape with) brea
 pyobc leaves those widths alone: :func:`attention_layers` names every weight layer inside such a module's
 projections so that :func:`pyobc.grouping.build_groups` can keep their groups out of pruning (and say so).
 
-Whole heads are pruned where the layout is timm's fused ``Attention`` (:func:`fused_head_layout`: ``qkv``
-and ``proj`` linear layers, ``num_heads``, ``head_dim`` and ``attn_dim = num_heads * head_dim`` as ints, no
-gate, no norm over ``attn_dim``): a group per module whose channels are its heads, removing each head's
-query, key and value rows of ``qkv`` and its columns of ``proj`` and lowering ``num_heads``/``attn_dim``.
+Whole heads are pruned where pyobc knows the layout (:func:`head_layouts`, one :class:`HeadLayout` per
+module, see :func:`head_family`): timm's fused ``Attention`` (``qkv``/``proj``, ``num_heads``, ``head_dim``,
+``attn_dim``); Hugging Face Llama / Mistral / Qwen2 / Qwen3 (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
+``head_dim``, grouped-query attention through ``num_key_value_groups``); BERT (``query``/``key``/``value`` and
+the sibling ``output.dense``); GPT-2 (``Conv1D`` ``c_attn``/``c_proj``, ``split_size``). Those modules get a
+group whose channels are whole heads (:func:`pyobc.grouping.build_groups`), and :func:`sync_heads` sets
+their head attributes from the cut widths; ``head_dim`` never changes, so rotary embeddings stay valid.
 
 A module is an attention module here when it is not ``nn.MultiheadAttention``, has a positive ``int``
 attribute naming a head count or width (:data:`HEAD_ATTRIBUTES`), and has a child named like a query /

@@ -34,7 +34,7 @@ from .context import Batch, Context, LossFn, default_loss
 from .per_sample import ChannelAxes, modules_to_probe, probe_channel_axes
 from .scores import Scores, model_signature
 
-__all__ = ["run"]
+__all__ = ["run", "prepare", "feed"]
 
 
 def check_arguments(spec: Any, *, loader: Iterable | None, loss_fn: LossFn | None, example_inputs: Any,
@@ -95,7 +95,7 @@ def _missing_derivative(exc: RuntimeError, method: str, ctx: Context, batch: Bat
         f"of an op in {where}): use a first-order method (jacobian, taylor, obd, ec) or replace that op")
 
 
-def _feed(criterion: Any, batches: Iterator[Batch], method: str) -> tuple[int, int]:
+def feed(criterion: Any, batches: Iterator[Batch], method: str) -> tuple[int, int]:
     """``criterion.update`` on every batch; the batch and sample counts."""
     n_batches = n_samples = 0
     for batch in batches:
@@ -131,6 +131,25 @@ def _channel_axes(model: nn.Module, example_inputs: Any, forward_fn: Any, source
     return probe_channel_axes(watch, cap.records)
 
 
+def prepare(spec: Any, work_model: nn.Module, first: Batch | None, *, loss_fn: LossFn, example_inputs: Any,
+            move: bool, device: torch.device, granularity: str, progress: bool | None,
+            ignored_layers: Sequence[nn.Module | str], heads: str, options: dict[str, Any]) -> Any:
+    """The criterion ``spec`` set up on ``work_model`` (already placed, in eval mode): tracer inputs from
+    ``first`` (or ``example_inputs``), a first forward that fails with one line on bad inputs, the groups,
+    the :class:`~pyobc.scoring.context.Context`. :func:`run` and block-by-block scoring
+    (:mod:`pyobc.blockwise`) both start here."""
+    user_inputs = example_inputs
+    example_inputs, forward_fn = _tracer_inputs(work_model, loss_fn, first, example_inputs, move, device)
+    source = "two samples of the first batch" if user_inputs is None else "example_inputs"
+    axes = _channel_axes(work_model, example_inputs, forward_fn, source)
+    called: set[str] = set()
+    groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers, heads=heads,
+                          forward_fn=forward_fn, called=called, progress=show_progress(progress))
+    ctx = Context(work_model, groups, loss_fn, device, granularity, called=called,
+                  progress=show_progress(progress), channel_axes=axes)
+    return spec(ctx, **options)
+
+
 def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Coordinator,
         loss_fn: LossFn | None = None, example_inputs: Any = None, max_batches: int | None = None,
         device: str | torch.device | None = None, granularity: str = "channel", progress: bool | None = None,
@@ -150,17 +169,11 @@ def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Co
         first = next(batches, None)
         if loader is not None and first is None:
             raise EmptyLoaderError("the loader yielded no batches")
-        user_inputs = example_inputs
-        example_inputs, forward_fn = _tracer_inputs(work_model, loss_fn, first, example_inputs, move, device)
-        source = "two samples of the first batch" if user_inputs is None else "example_inputs"
-        axes = _channel_axes(work_model, example_inputs, forward_fn, source)
-        called: set[str] = set()
-        groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers, heads=heads,
-                              forward_fn=forward_fn, called=called, progress=show_progress(progress))
-        ctx = Context(work_model, groups, loss_fn, device, granularity, called=called,
-                      progress=show_progress(progress), channel_axes=axes)
-        criterion = spec(ctx, **options)
-        counts = (_feed(criterion, itertools.chain([first], batches), spec.name)
+        criterion = prepare(spec, work_model, first, loss_fn=loss_fn, example_inputs=example_inputs, move=move,
+                            device=device, granularity=granularity, progress=progress,
+                            ignored_layers=ignored_layers, heads=heads, options=options)
+        groups = criterion.ctx.groups
+        counts = (feed(criterion, itertools.chain([first], batches), spec.name)
                   if spec.needs_data else (0, 0))
         # data-parallel: agree with the other ranks, sum the accumulators (no-op in one process)
         n_batches, n_samples = coordinator.combine(criterion, *counts, method=spec.name, groups=groups,
