@@ -48,7 +48,9 @@ def score(
             criteria (``magnitude``) accept ``None`` with ``example_inputs``.
         method: a name from :func:`pyobc.methods` (``jacobian`` by default).
         loss_fn: ``loss_fn(model, batch) -> scalar`` for other batch shapes; it must be the *mean* over
-            the batch's samples (per-sample criteria rely on it). Default: cross-entropy.
+            the batch's samples (per-sample criteria rely on it). Default: cross-entropy on ``(inputs,
+            targets)``, or :func:`pyobc.losses.causal_lm` (labels = the inputs, shifted; batches of token
+            ids or ``{"input_ids", "attention_mask"}`` dicts) for Hugging Face ``*ForCausalLM`` models.
         example_inputs: inputs for tracing the coupled layers; default: the first batch's inputs.
         max_batches: stop after this many batches.
         device: score on this device: batches are moved there, and if the model lives elsewhere a copy
@@ -65,7 +67,7 @@ def score(
         blockwise: score a transformer's layers one at a time (:mod:`pyobc.blockwise`): peak memory of
             one layer's pass plus the recorded hidden states, for models whose whole second-order pass does
             not fit. Exact for magnitude, taylor, jacobian and obd; ``oba`` keeps the curvature inside each
-            layer. Needs ``loss_fn``; scores only the decoder layers' heads and MLP neurons.
+            layer. Scores only the decoder layers' heads and MLP neurons.
         distributed: data-parallel scoring (see ``docs/distributed.md``). ``None`` (default): when
             ``torch.distributed`` is initialised with more than one process, each rank scores its own
             loader (its shard, e.g. :func:`pyobc.distributed.sharded_loader`) and the accumulators are

@@ -53,7 +53,7 @@ from .grouping import Group
 from .model_state import preserved_state, unwrap_model
 from .nested import map_tensors
 from .scoring.batches import iter_batches, model_device
-from .scoring.context import Batch, LossFn
+from .scoring.context import Batch, LossFn, default_loss_for
 from .scoring.engine import feed, prepare
 from .scoring.scores import Scores, model_signature
 
@@ -235,11 +235,12 @@ def score_blockwise(spec: Any, model: nn.Module, loader: Iterable, *, loss_fn: L
                     max_batches: int | None = None, progress: bool | None = None, heads: str = "kv",
                     granularity: str = "channel", options: dict[str, Any] | None = None) -> Scores:
     """Score the decoder layers of ``model`` one at a time (see the module docstring) with the criterion
-    class ``spec``; the arguments are those of :func:`pyobc.score`, ``loss_fn`` required."""
+    class ``spec``; the arguments are those of :func:`pyobc.score`."""
     _check_method(spec, granularity)
-    if loss_fn is None or not callable(loss_fn):
-        raise TypeError("block-by-block scoring needs loss_fn(model, batch), e.g. pyobc.losses.causal_lm")
     model = unwrap_model(model)
+    loss_fn = loss_fn if loss_fn is not None else default_loss_for(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     prefix, layers = decoder_layers(model)
     device, t0 = model_device(model), time.perf_counter()
     criteria: list[Any] = [None] * len(layers)

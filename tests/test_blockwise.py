@@ -109,8 +109,8 @@ def test_methods_without_a_linearised_form_are_refused(method):
 
 def test_bad_arguments():
     model, loader = _llama(1), _loader()
-    with pytest.raises(TypeError, match="needs loss_fn"):
-        pyobc.score(model, loader, "jacobian", blockwise=True)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        pyobc.score(model, loader, "jacobian", blockwise=True, loss_fn=3)
     with pytest.raises(ValueError, match="no stack of transformer layers"):
         pyobc.score(torch.nn.Sequential(torch.nn.Linear(2, 2)), loader, "jacobian", loss_fn=causal_lm,
                     blockwise=True)

@@ -25,7 +25,9 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import pyobc  # noqa: E402
 from pyobc import corpus, datasets, losses, metrics, models  # noqa: E402
+from pyobc.losses import causal_lm  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -312,3 +314,17 @@ def test_trained_tiny_llama_beats_the_unigram_baseline():
     with torch.no_grad():
         loss = losses.causal_lm(model, next(iter(datasets.text("test", seq_len=info.seq_len, batch_size=4))))
     assert float(loss) < math.log(unigram)
+
+
+def test_causal_lm_is_the_default_loss_of_causal_language_models():
+    model = _tiny_llama()
+    ids = torch.randint(0, 259, (2, 9), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    explicit = pyobc.score(model, [batch], "taylor", loss_fn=causal_lm)
+    default = pyobc.score(model, [batch], "taylor")
+    for a, b in zip(explicit.values, default.values):
+        torch.testing.assert_close(a, b)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=259, n_embd=16, n_layer=1, n_head=2))
+    by_hand = pyobc.score(gpt2, [ids], "taylor", loss_fn=lambda m, b: m(b, labels=b).loss)
+    for a, b in zip(by_hand.values, pyobc.score(gpt2, [ids], "taylor").values):
+        torch.testing.assert_close(a, b)

@@ -5,7 +5,8 @@ builds one :class:`Context` per :func:`pyobc.score` call and feeds it batches.
 
 The loss contract: ``loss_fn(model, batch) -> scalar tensor``, the *mean* over the batch's samples
 (per-sample and micro-batched criteria rely on it; :meth:`Context.micro_batches` checks it once).
-:func:`default_loss` is cross-entropy on ``(inputs, targets)`` batches.
+:func:`default_loss` is cross-entropy on ``(inputs, targets)`` batches; Hugging Face causal language models
+get :func:`pyobc.losses.causal_lm` instead (:func:`default_loss_for`).
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..grouping import Group
+from ..losses import causal_lm
 from ..nested import map_tensors
 from .capture import Capture, ModifiedInPlace
 from .layout import Layout
 from .per_sample import ChannelAxes
 
-__all__ = ["Batch", "Context", "LossFn", "default_loss"]
+__all__ = ["Batch", "Context", "LossFn", "default_loss", "default_loss_for", "CAUSAL_LM_CLASSES"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -31,6 +33,25 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """Mean cross-entropy of ``model(inputs)`` against ``targets`` for ``(inputs, targets)`` batches."""
     inputs, targets = batch
     return F.cross_entropy(model(inputs), targets)
+
+
+#: class-name endings of Hugging Face causal language models (``LlamaForCausalLM``, ``GPT2LMHeadModel``)
+CAUSAL_LM_CLASSES = ("ForCausalLM", "LMHeadModel")
+
+
+def default_loss_for(model: nn.Module) -> LossFn:
+    """The loss :func:`pyobc.score` uses when none is given: :func:`pyobc.losses.causal_lm` (next-token
+    cross-entropy, the labels being the inputs shifted; batches of token ids or ``{"input_ids",
+    "attention_mask"}`` dicts) for Hugging Face causal language models, else :func:`default_loss`.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> default_loss_for(nn.Linear(2, 2)).__name__
+        'default_loss'
+    """
+    if type(model).__name__.endswith(CAUSAL_LM_CLASSES):
+        return causal_lm
+    return default_loss
 
 
 @dataclasses.dataclass

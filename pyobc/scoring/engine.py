@@ -30,7 +30,7 @@ from ..nested import map_tensors
 from ..progress import show_progress
 from .batches import first_forward, iter_batches, model_device, trace_inputs
 from .capture import modules_calling
-from .context import Batch, Context, LossFn, default_loss
+from .context import Batch, Context, LossFn, default_loss_for
 from .per_sample import ChannelAxes, modules_to_probe, probe_channel_axes
 from .scores import Scores, model_signature
 
@@ -160,7 +160,7 @@ def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Co
                     max_batches=max_batches, granularity=granularity)
     options = dict(options or {})
     model = unwrap_model(model)
-    loss_fn = loss_fn or default_loss
+    loss_fn = loss_fn or default_loss_for(model)
     work_model, device, move = placement(model, device)
     t0 = time.perf_counter()
     with preserved_state(work_model), torch.enable_grad():
