@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,11 +28,11 @@ import torch.nn as nn
 from .attention_heads import HeadLayout, attention_layers, head_layouts, int_width_layers
 from . import grouping_cache
 from .grouping_search import SEARCH_SECONDS, search_groups
-from .layers import CONV, LINEAR, is_transposed_linear
+from .layers import CONV, LINEAR, is_grouped_conv, is_transposed_linear
 from .model_state import preserved_state, unwrap_model
 from .nested import tensors_in
 
-__all__ = ["IN_AXIS", "HEAD_STRUCTURES", "Slice", "Member", "Group", "build_groups", "canonical_parameter_names"]
+__all__ = ["IN_AXIS", "HEAD_STRUCTURES", "channel_buckets", "Slice", "Member", "Group", "build_groups", "canonical_parameter_names"]
 
 #: Axis tag for "input channels" of a conv/linear weight: axis 1, expanded by the layer's ``groups``
 #: (for a grouped conv, input channel ``g*I_g + j`` lives at ``weight[g*O_g:(g+1)*O_g, j]``).
@@ -45,7 +46,8 @@ class Slice:
     ``root[j]`` is the root channel that position ``index[j]`` belongs to (several positions may share a
     root channel, e.g. the in-features of a linear layer after a flatten). ``axis`` is a tensor axis, or
     :data:`IN_AXIS` for the (group-expanded) input channels of a conv/linear weight, with ``groups`` the
-    layer's group count.
+    layer's group count (also set on the output-channel slices of grouped, non-depthwise convolutions,
+    whose groups must lose equal numbers of channels).
     """
 
     param: str
@@ -82,7 +84,8 @@ class Member:
 class Group:
     """A set of coupled members pruned together; ``size`` channels, indexed by the root's out-channels.
 
-    ``divisor`` > 1 means the channel count must stay a multiple of it (attention heads).
+    ``divisor`` > 1 means the channel count must stay a multiple of it (attention heads; the group count of
+    a grouped convolution, whose groups must keep equal widths).
     """
 
     root: str
@@ -122,6 +125,43 @@ class Group:
             for m in d["members"]
         )
         return cls(root=d["root"], size=int(d["size"]), members=members, divisor=int(d.get("divisor", 1)))
+
+
+def channel_buckets(group: Group) -> torch.Tensor | None:
+    """Head index of each root channel for groups that feed attention (``divisor`` heads), else None.
+
+    For ``nn.MultiheadAttention`` members a channel's head is its embedding channel's head; for the query
+    heads of a grouped-query attention module (a ``heads`` member with ``divisor`` key/value heads) it is
+    the key/value group the query head belongs to; for the channels of a grouped convolution (``divisor``
+    groups) it is the convolution's group, so that every group keeps the same width.
+
+    None also when the attention members disagree or heads are uneven (then only the kept count is
+    constrained to a multiple of the head count)."""
+    if group.divisor <= 1:
+        return None
+    heads = None
+    for m in group.members:
+        grouped = m.kind in ("out", "in") and any(s.groups > 1 for s in m.slices)
+        if m.kind not in ("attention", "heads") and not grouped:
+            continue
+        if grouped and {s.groups for s in m.slices} != {group.divisor}:
+            return None
+        width = int(m.index.max()) + 1 if m.index.numel() else 0
+        if width % group.divisor:
+            return None
+        h = torch.full((group.size,), -1, dtype=torch.long)
+        h[m.root] = m.index // (width // group.divisor)
+        if heads is None:
+            heads = h
+        elif not torch.equal(heads, h):
+            return None
+    if heads is None or bool((heads < 0).any()):
+        return None
+    counts = torch.bincount(heads, minlength=group.divisor)
+    if bool((counts != counts[0]).any()):
+        return None
+    return heads
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,6 +528,8 @@ class _GroupConverter:
                 continue
             if member.kind == "attention":
                 divisor = max(divisor, int(item.dep.target.module.num_heads))
+            if member.kind in ("out", "in") and is_grouped_conv(item.dep.target.module):
+                divisor = math.lcm(divisor, int(item.dep.target.module.groups))
             members.append(member)
         if not members:
             return None
@@ -590,6 +632,8 @@ class _GroupConverter:
         index, root = _long(item.idxs), _long(item.root_idxs)
         slices = [dataclasses.replace(sl, param=self.canonical.get(sl.param, sl.param))
                   for sl in _slices_for(kind, target, name, index, root, pruning_dim=dep.target.pruning_dim)]
+        if kind == "out" and is_grouped_conv(target):  # the layer's group count, for equal cuts per group
+            slices = [dataclasses.replace(sl, groups=int(target.groups)) for sl in slices]
         return Member(name, kind, module_type, index, root, tuple(slices)) if slices else None
 
 

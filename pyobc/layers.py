@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 __all__ = ["CONV", "LINEAR", "WEIGHT_LAYERS", "BATCH_NORMS", "INSTANCE_NORMS", "STATISTICS_NORMS", "NORMS",
-           "is_weight_layer", "is_transposed_linear", "is_prunable_layer", "is_grouped_conv"]
+           "is_weight_layer", "is_transposed_linear", "is_prunable_layer", "is_grouped_conv", "is_norm_layer"]
 
 #: every convolution (``Conv1d/2d/3d`` and the transposed ones; check ``.transposed`` where it matters)
 CONV = (nn.modules.conv._ConvNd,)
@@ -32,6 +32,30 @@ INSTANCE_NORMS = (nn.modules.instancenorm._InstanceNorm,)
 STATISTICS_NORMS = BATCH_NORMS + (nn.GroupNorm,) + INSTANCE_NORMS
 #: every normalisation layer with per-channel affine parameters
 NORMS = STATISTICS_NORMS + (nn.LayerNorm,)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normalisation layer: one of :data:`NORMS`, ``nn.RMSNorm``, or a module of another library whose
+    class name ends in ``RMSNorm`` / ``LayerNorm`` and that holds only 1-D parameters of its own (Hugging
+    Face's ``LlamaRMSNorm``, ``Qwen3RMSNorm``, timm's ``LayerNorm2d``..., and their subclasses). OBA's inter-layer Hessian
+    direction is 0 on their parameters.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> class LlamaRMSNorm(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.ones(4))
+        >>> import torch
+        >>> is_norm_layer(LlamaRMSNorm()), is_norm_layer(nn.RMSNorm(4)), is_norm_layer(nn.Linear(2, 2))
+        (True, True, False)
+    """
+    if isinstance(module, NORMS + (nn.RMSNorm,)):
+        return True
+    params = list(module.parameters(recurse=False))
+    named = any(c.__name__.endswith(("RMSNorm", "LayerNorm")) for c in type(module).__mro__)
+    return (named and bool(params)
+            and all(p.dim() == 1 for p in params) and not list(module.children()))
 
 
 def is_weight_layer(module: nn.Module) -> bool:

@@ -359,17 +359,16 @@ class GroupedNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_grouped_convolutions_are_refused_in_one_message_with_the_full_ignore_list():
+def test_grouped_convolutions_lose_equal_channels_per_group():
+    """Every group touching a grouped convolution keeps a multiple of its group count (exactness of the
+    cut: tests/test_grouped_conv.py)."""
     net = GroupedNet()
     x = torch.randn(2, 3, 6, 6)
     scores = pyobc.score(net, None, "magnitude", example_inputs=x)
-    with pytest.raises(NotImplementedError, match=r"cannot cut 2 layer\(s\)") as info:
-        pyobc.prune(net, scores, 0.25, scope="local")
-    message = str(info.value)
-    assert "'b'" in message and "'d'" in message
-    ignore = eval(message.split("ignored_layers=")[1])
-    assert sorted(ignore) == ["a", "b", "c", "d"]
-    small, _ = pyobc.prune(net, scores, 0.25, scope="local", ignored_layers=ignore)
+    assert {g.root: g.divisor for g in scores.groups} == {"a": 2, "b": 2, "c": 4, "d": 4}
+    small, _ = pyobc.prune(net, scores, 0.5, scope="local")
+    assert (small.a.out_channels, small.b.out_channels, small.c.out_channels, small.d.out_channels) == (4, 4, 4, 4)
+    assert small.b.weight.shape[1] == 2 and small.d.weight.shape[1] == 1
     assert small(x).shape == (2, 2)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from ..layers import NORMS
+from ..layers import is_norm_layer
 from ..scoring.gates import GatedModel, gate_layout, second_order_mode
 from . import register
 from .base import Criterion, Result, model_outputs, validate_micro_batch
@@ -90,7 +90,7 @@ class OBA(Criterion):
         """The Hessian-vector product's ``v``: theta, with zeros on norm parameters for the inter-layer Hessian."""
         if self.opts["hessian"] == "full":
             return theta
-        norm = {f"{n}.{k}" if n else k for n, m in self.ctx.modules.items() if isinstance(m, NORMS)
+        norm = {f"{n}.{k}" if n else k for n, m in self.ctx.modules.items() if is_norm_layer(m)
                 for k, _ in m.named_parameters(recurse=False)}
         return {n: (torch.zeros_like(t) if n in norm else t) for n, t in theta.items()}
 

@@ -7,7 +7,8 @@ this order: at most ``floor(max_layer_ratio * size)`` removed and at least ``min
 count rounded *up* to a multiple of ``lcm(round_to, group.divisor)`` (or the group left whole when no such
 multiple fits). Inside a group the lowest-scored channels go, except in groups with attention heads, which
 lose the same number of channels from every head (the lowest-scored of each head), so that heads keep
-equal widths and channels stay in their heads.
+equal widths and channels stay in their heads; grouped convolutions likewise lose the same number of
+channels from each of their groups.
 
 ``N`` (or ``f``) is the smallest value whose *measured* reduction of the target quantity (channels,
 parameters or MACs, computed from the pruned shapes) reaches the requested ratio: a bisection, since every
@@ -22,46 +23,17 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..grouping import Group
+from ..grouping import Group, channel_buckets
 from .counting import LayerCost, count_params, macs_from, tensor_shapes
 from .slicing import cuts, shapes_after
 
 __all__ = ["head_of_channel", "target_measure", "choose"]
 
+#: the head (or convolution group) of each root channel: :func:`pyobc.grouping.channel_buckets`
+head_of_channel = channel_buckets
+
 #: ``measure(removal)``: the target quantity left once ``removal`` (root -> removed root channels) is cut
 Measure = Callable[[Mapping[str, torch.Tensor]], float]
-
-
-def head_of_channel(group: Group) -> torch.Tensor | None:
-    """Head index of each root channel for groups that feed attention (``divisor`` heads), else None.
-
-    For ``nn.MultiheadAttention`` members a channel's head is its embedding channel's head; for the query
-    heads of a grouped-query attention module (a ``heads`` member with ``divisor`` key/value heads) it is
-    the key/value group the query head belongs to.
-
-    None also when the attention members disagree or heads are uneven (then only the kept count is
-    constrained to a multiple of the head count)."""
-    if group.divisor <= 1:
-        return None
-    heads = None
-    for m in group.members:
-        if m.kind not in ("attention", "heads"):
-            continue
-        width = int(m.index.max()) + 1 if m.index.numel() else 0
-        if width % group.divisor:
-            return None
-        h = torch.full((group.size,), -1, dtype=torch.long)
-        h[m.root] = m.index // (width // group.divisor)
-        if heads is None:
-            heads = h
-        elif not torch.equal(heads, h):
-            return None
-    if heads is None or bool((heads < 0).any()):
-        return None
-    counts = torch.bincount(heads, minlength=group.divisor)
-    if bool((counts != counts[0]).any()):
-        return None
-    return heads
 
 
 def target_measure(model: nn.Module, groups: Sequence[Group], target: str, *, scope: str,

@@ -36,13 +36,14 @@ import torch
 import torch.nn as nn
 
 from ..attention_heads import head_family, sync_heads
-from ..grouping import IN_AXIS, Group, Member, Slice
+from ..grouping import IN_AXIS, Group, Member, Slice, channel_buckets
 from ..layers import BATCH_NORMS, CONV, INSTANCE_NORMS, LINEAR, is_transposed_linear
 from ..masking import removed_mask
 from ..ops import gather_channels
 from .model_config import sync_config
 
-__all__ = ["Rule", "RULES", "rule_for", "find_target", "check_member", "slice_axis", "cuts", "shapes_after",
+__all__ = ["Rule", "RULES", "rule_for", "find_target", "check_member", "slice_axis", "grouped_in_axis",
+           "groups_of_axis", "cuts", "shapes_after",
            "apply_keep", "apply_remove", "owner", "owner_tensor", "check_groups", "broken_model_message"]
 
 
@@ -86,8 +87,6 @@ def _sync_attention(m: nn.MultiheadAttention, before: Mapping[str, int]) -> None
 def _check_conv_out(m: nn.Module) -> str | None:
     if getattr(m, "transposed", False):
         return "transposed convolutions are not supported"
-    if getattr(m, "groups", 1) != 1:
-        return f"cutting the output channels of a grouped convolution (groups={m.groups}) is not supported"
     return None
 
 
@@ -100,9 +99,13 @@ def _check_depthwise(m: nn.Module) -> str | None:
 def _check_conv_in(m: nn.Module) -> str | None:
     if getattr(m, "transposed", False):
         return "transposed convolutions are not supported"
-    if getattr(m, "groups", 1) != 1:
-        return f"cutting the input channels of a grouped convolution (groups={m.groups}) is not supported"
     return None
+
+
+def _sync_conv_out(m: nn.Module, before: Mapping[str, int]) -> None:
+    m.out_channels = int(m.weight.shape[0])
+    if m.out_channels % m.groups:
+        raise ValueError(f"a convolution with {m.groups} groups cannot have {m.out_channels} output channels")
 
 
 def _check_layernorm(m: nn.LayerNorm) -> str | None:
@@ -153,7 +156,7 @@ def _sync_groupnorm(m: nn.GroupNorm, before: Mapping[str, int]) -> None:
 RULES: tuple[Rule, ...] = (
     Rule("out", (), sync=_set(nf=_weight_size(1)), match=is_transposed_linear),  # HF Conv1D: weight (in, out)
     Rule("in", (), sync=_set(nx=_weight_size(0)), match=is_transposed_linear),
-    Rule("out", CONV, sync=_set(out_channels=_weight_size(0)), check=_check_conv_out),
+    Rule("out", CONV, sync=_sync_conv_out, check=_check_conv_out),
     Rule("out", LINEAR, sync=_set(out_features=_weight_size(0))),
     Rule("in", CONV, sync=_set(in_channels=lambda m: int(m.weight.shape[1]) * m.groups), check=_check_conv_in),
     Rule("in", LINEAR, sync=_set(in_features=_weight_size(1))),
@@ -244,14 +247,58 @@ def check_groups(model: nn.Module, groups: Sequence[Group], cutting: Iterable[st
     return out
 
 
+def grouped_in_axis(groups: int) -> int:
+    """The cut-axis code of the group-expanded input channels of a weight with ``groups`` > 1 groups
+    (``-1 - groups``: below every real axis and :data:`IN_AXIS`); :func:`groups_of_axis` decodes it.
+
+    Example:
+        >>> grouped_in_axis(4), groups_of_axis(grouped_in_axis(4)), groups_of_axis(1)
+        (-5, 4, 1)
+    """
+    return -1 - groups
+
+
+def groups_of_axis(axis: int) -> int:
+    """The group count a cut axis stands for (1 for a real tensor axis); see :func:`grouped_in_axis`."""
+    return -1 - axis if axis <= -3 else 1
+
+
 def slice_axis(kind: str, s: Slice, ndim: int) -> int:
-    """The tensor axis a slice of a ``kind`` member cuts (:data:`IN_AXIS` of an ``in`` member is axis 1 of
-    an ungrouped conv/linear weight)."""
+    """The tensor axis a slice of a ``kind`` member cuts: :data:`IN_AXIS` of an ``in`` member is axis 1 of
+    an ungrouped conv/linear weight, and :func:`grouped_in_axis` of a grouped one (group ``g``'s input
+    channel ``g * I_g + j`` is column ``j`` of its own block of rows)."""
     if kind == "in" and s.axis == IN_AXIS:
-        if s.groups != 1:
-            raise NotImplementedError(f"{s.param}: cutting input channels of a grouped layer is not supported")
-        return 1
+        return 1 if s.groups == 1 else grouped_in_axis(s.groups)
     return s.axis % ndim
+
+
+def _cut_grouped_in(t: torch.Tensor, groups: int, positions: torch.Tensor, name: str) -> torch.Tensor:
+    """A grouped weight ``(O, I_g, ...)`` without the group-expanded input channels ``positions``; every
+    group must lose as many as the others (ValueError otherwise)."""
+    o, ig = int(t.shape[0]), int(t.shape[1])
+    per_group = torch.bincount(positions.cpu() // ig, minlength=groups)
+    if bool((per_group != per_group[0]).any()):
+        raise ValueError(f"{name}: the groups of a grouped convolution must lose equal numbers of input channels, "
+                         f"got {per_group.tolist()}")
+    expanded = t.reshape(groups, o // groups, ig, *t.shape[2:]).transpose(0, 1).reshape(o // groups, groups * ig,
+                                                                                         *t.shape[2:])
+    keep = _keep_index(groups * ig, positions, t.device, name, 1)
+    kept = expanded.index_select(1, keep)
+    new_ig = kept.shape[1] // groups
+    return kept.reshape(o // groups, groups, new_ig, *t.shape[2:]).transpose(0, 1).reshape(o, new_ig,
+                                                                                          *t.shape[2:]).contiguous()
+
+
+def _check_even(group: Group, mask: torch.Tensor) -> None:
+    """Groups whose channels fall into heads (or convolution groups) must lose as many from each: a lopsided
+    cut would leave widths that look consistent but mix heads up."""
+    buckets = channel_buckets(group)
+    if buckets is None:
+        return
+    counts = torch.bincount(buckets[mask.cpu()], minlength=group.divisor)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"group {group.root!r} must lose the same number of channels from each of its "
+                         f"{group.divisor} heads / groups, got {counts.tolist()}")
 
 
 def cuts(model: nn.Module, groups: Iterable[Group], remove: Mapping[str, torch.Tensor],
@@ -274,6 +321,7 @@ def cuts(model: nn.Module, groups: Iterable[Group], remove: Mapping[str, torch.T
         mask = removed_mask(group, channels)
         if not bool(mask.any()):
             continue
+        _check_even(group, mask)
         for member in group.members:
             target, rule = checked[(root, member.module, member.kind)]
             if isinstance(target, nn.Module):
@@ -305,7 +353,8 @@ def shapes_after(shapes: Mapping[str, tuple[int, ...]], cut: Mapping[tuple[str, 
     out = {k: list(v) for k, v in shapes.items()}
     for (name, axis), positions in cut.items():
         if name in out:
-            out[name][axis] -= int(positions.numel())
+            groups = groups_of_axis(axis)
+            out[name][1 if groups > 1 else axis] -= int(positions.numel()) // groups
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -344,17 +393,10 @@ def apply_keep(model: nn.Module, groups: Sequence[Group], keep: Mapping[str, tor
     apply_remove(model, groups, remove)
 
 
-def apply_remove(model: nn.Module, groups: Sequence[Group], remove: Mapping[str, torch.Tensor]) -> None:
-    """Cut ``model`` in place: group ``root`` loses the root channels ``remove[root]``."""
-    cut, touched = cuts(model, groups, remove)
-    if not cut:
-        return
-    before = {id(m): {"head_dim": getattr(m, "head_dim", 0)} for m, _ in touched}
-    per_tensor: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for (name, axis), positions in sorted(cut.items()):
-        per_tensor.setdefault(name, []).append((axis, positions))
-    current = {name: owner_tensor(model, name).detach() for name in per_tensor}
-    passes = max(len(v) for v in per_tensor.values())
+def _gather_all(per_tensor: Mapping[str, list[tuple[int, torch.Tensor]]], current: dict[str, torch.Tensor]) -> None:
+    """Cut ``current`` tensors at the (axis, positions) lists of ``per_tensor``: one batched
+    :func:`pyobc.ops.gather_channels` call for every tensor's first axis, one for the second..."""
+    passes = max((len(v) for v in per_tensor.values()), default=0)
     with torch.no_grad():
         for k in range(passes):
             names = [n for n, axes in per_tensor.items() if len(axes) > k]
@@ -367,6 +409,24 @@ def apply_remove(model: nn.Module, groups: Sequence[Group], remove: Mapping[str,
                 indices.append(_keep_index(t.shape[axis], positions, t.device, n, axis))
             for n, t in zip(names, gather_channels(tensors, dims, indices)):
                 current[n] = t
+
+
+def apply_remove(model: nn.Module, groups: Sequence[Group], remove: Mapping[str, torch.Tensor]) -> None:
+    """Cut ``model`` in place: group ``root`` loses the root channels ``remove[root]``."""
+    cut, touched = cuts(model, groups, remove)
+    if not cut:
+        return
+    before = {id(m): {"head_dim": getattr(m, "head_dim", 0)} for m, _ in touched}
+    per_tensor: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for (name, axis), positions in sorted(cut.items()):
+        per_tensor.setdefault(name, []).append((axis, positions))
+    current = {name: owner_tensor(model, name).detach() for name in per_tensor}
+    with torch.no_grad():  # grouped input channels first (sorted first), against the uncut rows
+        for name, axes in per_tensor.items():
+            if groups_of_axis(axes[0][0]) > 1:
+                current[name] = _cut_grouped_in(current[name], groups_of_axis(axes[0][0]), axes[0][1], name)
+                axes.pop(0)
+    _gather_all({n: axes for n, axes in per_tensor.items() if axes}, current)
     aliases = _aliases(model)
     for name, t in current.items():
         mod, attr = owner(model, name)

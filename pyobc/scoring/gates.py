@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..grouping import IN_AXIS, Member
-from ..layers import CONV, LINEAR, NORMS, WEIGHT_LAYERS, is_weight_layer
+from ..layers import CONV, LINEAR, NORMS, WEIGHT_LAYERS, is_norm_layer, is_weight_layer
 from ..ops.second_order import OVERRIDES as LEAN_SECOND_ORDER
 from .context import Batch, Context
 from .layout import Layout
@@ -149,7 +149,7 @@ class GatedModel:
         if self.eps_scope == "linear":
             # v = theta on conv/linear weights and biases; also on parameters that are neither norm
             # nor conv/linear (attention projections, embeddings, bare parameters)
-            norm_params = {f"{n}.{k}" if n else k for n, m in ctx.modules.items() if isinstance(m, NORMS)
+            norm_params = {f"{n}.{k}" if n else k for n, m in ctx.modules.items() if is_norm_layer(m)
                            for k, _ in m.named_parameters(recurse=False)}
             return set(ctx.params) - norm_params
         if self.eps_scope == "members":
