@@ -114,3 +114,26 @@ def test_qualification_reasons():
     cat = Cat()
     cgroups = pyobc.score(cat, None, "magnitude", example_inputs=torch.randn(2, 4)).groups
     assert all("other layers" in qualifies(cat, g) for g in cgroups)
+
+
+class _IntWidth(nn.Module):
+    """Reshapes with a width written as an int: cutting fc1 breaks it in a way the tracer cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)).reshape(-1, 8))
+
+
+def test_a_broken_result_is_never_handed_back():
+    from pyobc.errors import PrunedModelError
+
+    net, x = _IntWidth(), torch.randn(2, 4)
+    scores = pyobc.score(net, None, "magnitude", example_inputs=x)
+    for prune in (pyobc.prune, pyobc.equivalent_prune):
+        with pytest.raises(PrunedModelError, match=r"inside 'fc2.*ignored_layers=\['fc1'\]"):
+            prune(net, scores, 0.5, example_inputs=x)
+    adapted = pyobc.equivalent_prune(net, scores, 0.5, example_inputs=x, ignored_layers=["fc1"])
+    torch.testing.assert_close(adapted(x), net(x))

@@ -32,13 +32,15 @@ import torch.nn as nn
 from ..grouping import Group
 from ..layers import CONV, is_weight_layer
 from ..masking import removed_mask
-from ..model_state import unwrap_model
+from ..errors import PrunedModelError
+from ..model_state import preserved_state, unwrap_model
 from ..scoring.scores import Scores, model_signature
 from . import plan
 from .adapters import OBCAdapted
 from .reconstruct import calibration_for, not_refit, plan_targets, refit, selection_scores
 from .removal import plan_removal
-from .slicing import RULES, apply_remove
+from .counting import run_naming_failure
+from .slicing import RULES, apply_remove, broken_model_message
 
 __all__ = ["OBCAdapted", "qualifies", "equivalent_prune", "adapter_parameters", "fold"]
 
@@ -192,6 +194,7 @@ def equivalent_prune(model: nn.Module, scores: Scores, ratio: float, *, scope: s
         pre = _channel_map(layer, pm["pre"]) if "pre" in pm else None
         post = _channel_map(layer, pm["post"]) if "post" in pm else None
         _set_module(out, name, OBCAdapted(layer, pre, post))
+    _check_runs(out, removal.example_inputs, groups, remove)
     if cal is not None:
         dead = {r: remove[r] for r in adapted}
         refit(dense, out, plan_targets(dense, out, groups, naive, dead), cal, damping=damping, progress=progress,
@@ -199,6 +202,18 @@ def equivalent_prune(model: nn.Module, scores: Scores, ratio: float, *, scope: s
     setattr(out, _PENDING, {"signature": pending_signature, "groups": list(adapted.values()), "keep": keep,
                             "example_inputs": example_inputs})
     return out
+
+
+def _check_runs(model: nn.Module, inputs: Any, groups: Sequence[Group], remove: dict[str, torch.Tensor]) -> None:
+    """The adapted model runs on the example inputs (when there are some), or a PrunedModelError names the
+    groups cut near the failing module: never hand back a broken model."""
+    if inputs is None:
+        return
+    try:
+        with torch.no_grad(), preserved_state(model):
+            run_naming_failure(model, inputs)
+    except RuntimeError as e:
+        raise PrunedModelError(broken_model_message(e, groups, remove)) from e
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
