@@ -34,6 +34,7 @@ def score(
     progress: bool | None = None,
     ignored_layers: Sequence[nn.Module | str] = (),
     heads: str = "kv",
+    hidden: bool = False,
     blockwise: bool = False,
     distributed: Any = None,
     **options: Any,
@@ -64,6 +65,8 @@ def score(
             Hugging Face Llama/Mistral/Qwen, BERT, GPT-2): ``"kv"`` (default) a key/value head with the
             query heads that share it (an attention head without grouped-query attention); ``"query"``
             one query head, the same number cut from every key/value group.
+        hidden: also score the hidden (residual) width of a Llama-family decoder as one group
+            (:mod:`pyobc.hidden_width`): the embedding, every norm and projection over it, the LM head.
         blockwise: score a transformer's layers one at a time (:mod:`pyobc.blockwise`): peak memory of
             one layer's pass plus the recorded hidden states, for models whose whole second-order pass does
             not fit. Exact for magnitude, taylor, jacobian and obd; ``oba`` keeps the curvature inside each
@@ -86,6 +89,9 @@ def score(
         torch.Size([16])
     """
     if blockwise:
+        if hidden:
+            raise ValueError("blockwise=True scores the decoder layers' heads and MLP neurons; the hidden width "
+                             "spans every layer (use hidden=True without blockwise)")
         if distributed not in (None, False) or device is not None or example_inputs is not None or ignored_layers:
             raise ValueError("blockwise=True does not take distributed, device, example_inputs or ignored_layers")
         return score_blockwise(get_method(method), model, loader, loss_fn=loss_fn, max_batches=max_batches,
@@ -94,7 +100,7 @@ def score(
     try:
         return engine.run(get_method(method), model, loader, coordinator=coordinator, loss_fn=loss_fn,
                           example_inputs=example_inputs, max_batches=max_batches, device=device,
-                          granularity=granularity, progress=progress, ignored_layers=ignored_layers, heads=heads,
+                          granularity=granularity, progress=progress, ignored_layers=ignored_layers, heads=heads, hidden=hidden,
                           options=options)
     except Exception as exc:
         coordinator.fail(exc)  # data-parallel: the other ranks raise too instead of waiting in a collective

@@ -233,18 +233,37 @@ def _print_json(data: Any) -> None:
 
 # -- commands ------------------------------------------------------------------------------------------------
 
+def _demo_lm(args: argparse.Namespace, methods: list[str] | None, out: Any) -> list:
+    from .demo_lm import run_lm_demo, select_criteria
+
+    try:
+        select_criteria(methods)
+    except ValueError as exc:
+        raise UserError(_one_line(exc)) from None
+    try:
+        return run_lm_demo(methods, ratio=args.ratio, quick=args.quick, batches=args.batches, threads=args.threads,
+                           reconstruct=args.reconstruct, progress=args.progress, out=out)
+    except ImportError as exc:  # transformers missing or broken: say so in one line
+        raise UserError(_one_line(exc)) from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     methods = [_check_method(m) for m in args.methods] if args.methods else None
     out = sys.stderr if args.json else sys.stdout
     t0 = time.perf_counter()
-    rows = run_demo(methods, ratio=args.ratio, batches=args.batches, quick=args.quick,
-                    finetune_epochs=args.finetune_epochs, equivalent=args.equivalent, threads=args.threads,
-                    progress=args.progress, out=out, reconstruct=args.reconstruct)
+    ratio = 0.5 if args.ratio is None and not args.lm else args.ratio
+    if args.lm:
+        rows = _demo_lm(args, methods, out)
+    else:
+        rows = run_demo(methods, ratio=ratio, batches=args.batches, quick=args.quick,
+                        finetune_epochs=args.finetune_epochs, equivalent=args.equivalent, threads=args.threads,
+                        progress=args.progress, out=out, reconstruct=args.reconstruct)
     seconds = time.perf_counter() - t0
     if args.json:
-        _print_json({"quick": args.quick, "ratio": args.ratio, "seconds": seconds, "rows": [r.to_dict() for r in rows]})
+        _print_json({"lm": args.lm, "quick": args.quick, "ratio": ratio, "seconds": seconds,
+                     "rows": [r.to_dict() for r in rows]})
     else:
         print(f"\n(demo took {seconds:.1f} s)")
     return 0
@@ -528,14 +547,23 @@ def _add_demo_parser(sub: Any) -> None:
         epilog="Examples:\n  pyobc demo --quick          # 8x8 images, short training: under a minute on 2 cores\n"
                "  pyobc demo                  # 16x16, a few minutes\n"
                "  pyobc demo --methods magnitude jacobian oba --ratio 0.3 --batches 4\n"
-               "  pyobc demo --quick --json   # rows as JSON on stdout, progress lines on stderr",
+               "  pyobc demo --quick --json   # rows as JSON on stdout, progress lines on stderr\n"
+               "  pyobc demo --lm             # the tiny Llama: perplexity after pruning 20/30/50% of its parameters",
         formatter_class=_FMT)
     demo.add_argument("--quick", action="store_true", help="small preset: 8x8 images, 3-epoch model, 2 batches, "
                                                            "1 fine-tuning epoch (under a minute)")
     demo.add_argument("--methods", nargs="+", metavar="NAME", help="criteria to run (default: all but oracle)")
-    demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of MACs to remove (0.5)")
+    demo.add_argument("--lm", action="store_true",
+                      help="the language-model demo instead: the trained tiny Llama (GQA), KV heads and MLP neurons "
+                           "pruned to 20/30/50%% of all parameters (--quick: 20%%) with every criterion and the LLM "
+                           "baselines (Torch-Pruning's uniform magnitude, LLM-Pruner's element-wise Taylor), "
+                           "held-out perplexity before/after pruning, with reconstruction and after a short "
+                           "recovery (--finetune-epochs and --equivalent do not apply)")
+    demo.add_argument("--ratio", type=_ratio, default=None,
+                      help="fraction of MACs to remove (0.5); with --lm, one fraction of all parameters")
     demo.add_argument("--batches", type=_positive_int, default=None,
-                      help="batches of 64 training images to score on (8; --quick: 2)")
+                      help="batches of 64 training images to score on (8; --quick: 2); with --lm, calibration "
+                           "batches of 8x128 tokens (8; --quick: 4)")
     demo.add_argument("--finetune-epochs", type=_count, default=None, metavar="N",
                       help="fine-tuning epochs (3; --quick: 1; 0 skips fine-tuning)")
     demo.add_argument("--equivalent", action=argparse.BooleanOptionalAction, default=True,

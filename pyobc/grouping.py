@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .attention_heads import HeadLayout, attention_layers, head_layouts, int_width_layers
+from .hidden_width import HiddenLayout, hidden_layout
 from . import grouping_cache
 from .grouping_search import SEARCH_SECONDS, search_groups
 from .layers import CONV, LINEAR, is_grouped_conv, is_transposed_linear
@@ -331,6 +332,7 @@ def build_groups(
     seconds: float = SEARCH_SECONDS,
     cache: bool = True,
     heads: str = "kv",
+    hidden: bool = False,
 ) -> list[Group]:
     """Find the prunable groups of ``model`` with Torch-Pruning's DependencyGraph.
 
@@ -356,7 +358,8 @@ def build_groups(
     channels are whole heads, built from the module itself rather than traced: ``heads="kv"`` (default)
     makes a channel a key/value head together with the query heads that share it (one attention head
     where there is no grouped-query attention); ``heads="query"`` makes it one query head, with the same
-    number cut from every key/value group.
+    number cut from every key/value group. ``hidden=True`` adds the hidden width of a Llama-family decoder
+    as one more group (:mod:`pyobc.hidden_width`; ValueError for other models).
 
     Raises:
         ValueError: the model has no prunable layer.
@@ -369,10 +372,10 @@ def build_groups(
     key = None
     if cache:
         ignored_names = [n for n, m in model.named_modules() if id(m) in ignored]
-        key = grouping_cache.structure_key(model, example_inputs, forward_fn, ignored_names, seconds, heads)
+        key = grouping_cache.structure_key(model, example_inputs, forward_fn, ignored_names, seconds, heads, hidden)
     hit = grouping_cache.lookup(key) if key is not None else None
     if hit is None:
-        hit = _build(model, example_inputs, ignored, forward_fn, progress, seconds, heads)
+        hit = _build(model, example_inputs, ignored, forward_fn, progress, seconds, heads, hidden)
         if key is not None:
             grouping_cache.store(key, hit)
     groups, seen, message = hit
@@ -384,9 +387,10 @@ def build_groups(
 
 
 def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn: Any, progress: bool,
-           seconds: float, heads: str) -> tuple[tuple[Group, ...], frozenset[str], str]:
+           seconds: float, heads: str, hidden: bool = False) -> tuple[tuple[Group, ...], frozenset[str], str]:
     """:func:`build_groups` without the cache: (groups, names of the modules the forward called, the
     warning to give, '' for none)."""
+    hidden_dims = hidden_layout(model) if hidden else None  # before tracing: a model it does not fit fails fast
     import torch_pruning as tp  # imported on first use: it takes a second to import
     from torch_pruning.pruner import function as tp_function
 
@@ -402,6 +406,10 @@ def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn:
         progress=progress)
     groups = [g for tp_group in tp_groups if (g := converter.convert(tp_group)) is not None]
     groups += converter.head_groups(model, seen, heads)
+    if hidden_dims is not None:
+        group = _hidden_group(model, hidden_dims, converter.canonical)
+        if not any(id(model.get_submodule(m.module)) in ignored for m in group.members):
+            groups.append(group)
     if converter.unsupported:
         raise NotImplementedError(
             "pyobc cannot score these layers, which are coupled to prunable channels: "
@@ -689,6 +697,22 @@ def _named_member(model: nn.Module, layer: str, kind: str, index: torch.Tensor, 
     slices = tuple(dataclasses.replace(sl, param=canonical.get(sl.param, sl.param))
                    for sl in _slices_for(kind, module, layer, index, root))
     return Member(layer, kind, type(module).__name__, index, root, slices)
+
+
+def _hidden_group(model: nn.Module, layout: HiddenLayout, canonical: dict[str, str]) -> Group:
+    """The group whose channels are a Llama-family decoder's hidden width (:mod:`pyobc.hidden_width`):
+    the embedding's columns, the readers' input columns, the writers' output rows, and ``hidden_norm``
+    members for the norms over it (their weights are rescaled after a cut, see :mod:`pyobc.pruning.slicing`)."""
+    idx = torch.arange(layout.width)
+    members = [_named_member(model, layout.embedding, "embedding", idx, idx, canonical)]
+    members += [_named_member(model, n, "out", idx, idx, canonical) for n in layout.writers]
+    members += [_named_member(model, n, "in", idx, idx, canonical) for n in layout.readers]
+    for n in layout.norms:
+        norm = model.get_submodule(n)
+        slices = tuple(Slice(canonical.get(f"{n}.{a}", f"{n}.{a}"), 0, idx, idx) for a in ("weight", "bias")
+                       if getattr(norm, a, None) is not None)
+        members.append(Member(n, "hidden_norm", type(norm).__name__, idx, idx, slices))
+    return Group(root=layout.embedding, size=layout.width, members=tuple(_dedup_slices(members)))
 
 
 #: returned by :meth:`_GroupConverter._member` for a dependency that makes its whole group unprunable

@@ -5,8 +5,8 @@ under its name with :func:`register`. ``pyobc.methods()`` lists them.
 
 Example:
     >>> from pyobc.criteria import methods
-    >>> methods()["taylor"]
-    'first-order Taylor (Molchanov 2019): mean over batches of the squared group sum of theta*grad'
+    >>> methods()["obd"]
+    'Optimal Brain Damage: 1/2 theta^2 times the diagonal empirical Fisher, summed per group'
 """
 from __future__ import annotations
 

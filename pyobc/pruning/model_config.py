@@ -7,7 +7,8 @@ widths, so ``save_pretrained`` → ``from_pretrained`` would build the wrong sha
 - ``num_attention_heads`` (GPT-2: ``n_head``, through the config's attribute map), ``num_key_value_heads``
   where the config has it, and ``head_dim`` where the config has it (it never changes, but many configs
   derive it from ``hidden_size // num_attention_heads`` when it is absent);
-- ``intermediate_size`` (GPT-2: ``n_inner``), and the MLP modules' own ``intermediate_size`` attribute.
+- ``intermediate_size`` (GPT-2: ``n_inner``), and the MLP modules' own ``intermediate_size`` attribute;
+- ``hidden_size`` (and the modules' own ``hidden_size``) after a hidden-width cut (:mod:`pyobc.hidden_width`).
 
 A value that is the same in every layer is written as a number, so a uniform cut round-trips through
 ``save_pretrained`` / ``from_pretrained`` (for GPT-2 and BERT head cuts it cannot: those configs derive the
@@ -62,6 +63,20 @@ def _write(config, field: str, values: list[int], per_layer: dict[str, list[int]
         per_layer[field] = list(values)
 
 
+def _sync_hidden(model: nn.Module, config) -> None:
+    """``hidden_size`` (config and modules' own copies) from the input embedding's width, after a hidden cut."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    old = getattr(config, "hidden_size", None)
+    if not isinstance(embedding, nn.Embedding) or not isinstance(old, int) or embedding.embedding_dim == old:
+        return
+    new = embedding.embedding_dim
+    for m in model.modules():
+        if getattr(m, "hidden_size", None) == old and m is not model:
+            m.hidden_size = new
+    config.hidden_size = new
+
+
 def sync_config(model: nn.Module) -> None:
     """Write the per-layer head counts and MLP widths of ``model`` into ``model.config`` (see the module
     docstring); a no-op for models without a Hugging Face config or whose layers pyobc does not find
@@ -70,6 +85,7 @@ def sync_config(model: nn.Module) -> None:
     layers = getattr(config, "num_hidden_layers", None)
     if config is None or not hasattr(config, "to_dict") or not isinstance(layers, int):
         return
+    _sync_hidden(model, config)
     for m in model.modules():  # the MLP modules' own copy of the width (Llama's MLP keeps one)
         down = getattr(m, "down_proj", None)
         if isinstance(getattr(m, "intermediate_size", None), int) and type(down) is nn.Linear:

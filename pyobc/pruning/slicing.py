@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ..attention_heads import head_family, sync_heads
 from ..grouping import IN_AXIS, Group, Member, Slice, channel_buckets
-from ..layers import BATCH_NORMS, CONV, INSTANCE_NORMS, LINEAR, is_transposed_linear
+from ..layers import BATCH_NORMS, CONV, INSTANCE_NORMS, LINEAR, is_norm_layer, is_transposed_linear
 from ..masking import removed_mask
 from ..ops import gather_channels
 from .model_config import sync_config
@@ -82,6 +82,26 @@ def _sync_attention(m: nn.MultiheadAttention, before: Mapping[str, int]) -> None
                 m.q_proj_weight.mul_(scale)
             if m.in_proj_bias is not None:
                 m.in_proj_bias[:e].mul_(scale)
+
+
+def _width(m: object) -> int:
+    weight = getattr(m, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else 0
+
+
+def _rescale_norm(m: nn.Module, before: Mapping[str, int]) -> None:
+    """An RMSNorm over a hidden width that lost channels: its mean square now divides by fewer channels,
+    so its weight (and bias) is multiplied by ``sqrt(old / new)``; with ``eps = 0`` the cut model computes
+    what the unpruned one computes with those channels zeroed (see :mod:`pyobc.hidden_width`)."""
+    old, new = before.get("width", 0), _width(m)
+    if old and new != old:
+        with torch.no_grad():
+            for p in m.parameters(recurse=False):
+                p.mul_(math.sqrt(old / new))
+    if isinstance(getattr(m, "normalized_shape", None), tuple) and len(m.normalized_shape) == 1:
+        m.normalized_shape = (new,)  # nn.RMSNorm
+    if isinstance(getattr(m, "hidden_size", None), int):
+        m.hidden_size = new
 
 
 def _check_conv_out(m: nn.Module) -> str | None:
@@ -173,6 +193,7 @@ RULES: tuple[Rule, ...] = (
     Rule("attention", (nn.MultiheadAttention,), sync=_sync_attention),
     Rule("heads", (), sync=lambda m, before: sync_heads(m),
          match=lambda m: isinstance(m, nn.Module) and head_family(m) is not None),
+    Rule("hidden_norm", (), sync=_rescale_norm, match=lambda m: isinstance(m, nn.Module) and is_norm_layer(m)),
     Rule("param", (nn.Parameter,)),
 )
 
@@ -416,7 +437,7 @@ def apply_remove(model: nn.Module, groups: Sequence[Group], remove: Mapping[str,
     cut, touched = cuts(model, groups, remove)
     if not cut:
         return
-    before = {id(m): {"head_dim": getattr(m, "head_dim", 0)} for m, _ in touched}
+    before = {id(m): {"head_dim": getattr(m, "head_dim", 0), "width": _width(m)} for m, _ in touched}
     per_tensor: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for (name, axis), positions in sorted(cut.items()):
         per_tensor.setdefault(name, []).append((axis, positions))

@@ -133,7 +133,8 @@ def _channel_axes(model: nn.Module, example_inputs: Any, forward_fn: Any, source
 
 def prepare(spec: Any, work_model: nn.Module, first: Batch | None, *, loss_fn: LossFn, example_inputs: Any,
             move: bool, device: torch.device, granularity: str, progress: bool | None,
-            ignored_layers: Sequence[nn.Module | str], heads: str, options: dict[str, Any]) -> Any:
+            ignored_layers: Sequence[nn.Module | str], heads: str, options: dict[str, Any],
+            hidden: bool = False) -> Any:
     """The criterion ``spec`` set up on ``work_model`` (already placed, in eval mode): tracer inputs from
     ``first`` (or ``example_inputs``), a first forward that fails with one line on bad inputs, the groups,
     the :class:`~pyobc.scoring.context.Context`. :func:`run` and block-by-block scoring
@@ -143,7 +144,7 @@ def prepare(spec: Any, work_model: nn.Module, first: Batch | None, *, loss_fn: L
     source = "two samples of the first batch" if user_inputs is None else "example_inputs"
     axes = _channel_axes(work_model, example_inputs, forward_fn, source)
     called: set[str] = set()
-    groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers, heads=heads,
+    groups = build_groups(work_model, example_inputs, ignored_layers=ignored_layers, heads=heads, hidden=hidden,
                           forward_fn=forward_fn, called=called, progress=show_progress(progress))
     ctx = Context(work_model, groups, loss_fn, device, granularity, called=called,
                   progress=show_progress(progress), channel_axes=axes)
@@ -153,7 +154,7 @@ def prepare(spec: Any, work_model: nn.Module, first: Batch | None, *, loss_fn: L
 def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Coordinator,
         loss_fn: LossFn | None = None, example_inputs: Any = None, max_batches: int | None = None,
         device: str | torch.device | None = None, granularity: str = "channel", progress: bool | None = None,
-        ignored_layers: Sequence[nn.Module | str] = (), heads: str = "kv",
+        ignored_layers: Sequence[nn.Module | str] = (), heads: str = "kv", hidden: bool = False,
         options: dict[str, Any] | None = None) -> Scores:
     """Score ``model`` with the criterion class ``spec``; the arguments are those of :func:`pyobc.score`."""
     check_arguments(spec, loader=loader, loss_fn=loss_fn, example_inputs=example_inputs,
@@ -171,7 +172,7 @@ def run(spec: Any, model: nn.Module, loader: Iterable | None, *, coordinator: Co
             raise EmptyLoaderError("the loader yielded no batches")
         criterion = prepare(spec, work_model, first, loss_fn=loss_fn, example_inputs=example_inputs, move=move,
                             device=device, granularity=granularity, progress=progress,
-                            ignored_layers=ignored_layers, heads=heads, options=options)
+                            ignored_layers=ignored_layers, heads=heads, options=options, hidden=hidden)
         groups = criterion.ctx.groups
         counts = (feed(criterion, itertools.chain([first], batches), spec.name)
                   if spec.needs_data else (0, 0))
