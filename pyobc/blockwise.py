@@ -1,7 +1,7 @@
 """Block-by-block scoring of transformers: peak memory of one decoder layer's pass plus the activations.
 
 ``pyobc.score(model, loader, method, blockwise=True)`` scores the decoder layers of a transformer (a
-``nn.ModuleList`` whose every element holds one attention module pyobc knows, see
+``nn.ModuleList`` or ``nn.Sequential`` whose every element holds one attention module pyobc knows, see
 :func:`decoder_layers`) one layer at a time. Per batch:
 
 1. one forward of the whole model without autograd records every layer's inputs (its hidden states and
@@ -65,9 +65,10 @@ EXACT_METHODS = ("magnitude", "taylor", "jacobian", "obd")
 LAYER_LOCAL_METHODS = ("oba",)
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of transformer layers: the longest ``nn.ModuleList`` whose every element holds
-    exactly one attention module pyobc can cut by heads (:func:`pyobc.attention_heads.head_layouts`).
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
+    """The model's stack of transformer layers: the longest ``nn.ModuleList`` (or ``nn.Sequential``, timm's
+    ``blocks``) whose every element holds exactly one attention module pyobc can cut by heads
+    (:func:`pyobc.attention_heads.head_layouts`).
 
     Example:
         >>> import torch.nn as nn
@@ -76,9 +77,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         ...
         ValueError: Sequential has no stack of transformer layers pyobc knows (a ModuleList whose every element holds one attention module: Llama/Mistral/Qwen, GPT-2, BERT, timm ViT); score it with blockwise=False
     """
-    best: tuple[str, nn.ModuleList] | None = None
+    best: tuple[str, nn.Module] | None = None
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) and all(len(head_layouts(layer)) == 1 for layer in m):
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) and all(len(head_layouts(layer)) == 1 for layer in m):
             if best is None or len(m) > len(best[1]):
                 best = (name, m)
     if best is None:
