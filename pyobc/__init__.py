@@ -22,6 +22,7 @@ _LAZY = {
     "corpus": ("pyobc.corpus", None),
     "losses": ("pyobc.losses", None),
     "metrics": ("pyobc.metrics", None),
+    "eval": ("pyobc.eval", None),
     "distributed": ("pyobc.distributed", None),
     "score": ("pyobc.api", "score"),
     "Scores": ("pyobc.scoring.scores", "Scores"),

@@ -1,7 +1,7 @@
 """Evaluation of language models: perplexity over a token stream, and the unigram baseline.
 
-(The module is ``pyobc.metrics`` rather than ``pyobc.eval`` so that no name in ``pyobc`` shadows the
-built-in ``eval``.)
+(``pyobc.eval`` names the same functions; they are implemented here, in a module whose name does not hide
+the built-in ``eval`` when imported with ``from pyobc import ...``.)
 
 Protocol of :func:`perplexity`: the 1-D token stream is cut into non-overlapping windows of ``seq_len``
 tokens (a shorter remainder at the end is dropped); each window is one model input, and every position
