@@ -176,7 +176,7 @@ class SOSPH(_SOSP):
 
     def _gate_products(self, batch):
         """(theta_s^T g, theta_s^T GGN theta_M) per gate for one micro-batch, and its gated model."""
-        gm = GatedModel(self.ctx)
+        gm = GatedModel(self.ctx, unit_gates=self._mode == "forward")  # forward mode differentiates once
         tangents = self._tangents(gm)
         if self._mode == "forward":
             try:

@@ -15,10 +15,16 @@ parameter requires grad. Two of PyTorch's own derivative formulas then compute w
   recomputes the training-mode formulas; :func:`batch_norm_eval` is the affine map itself (one
   ``addcmul``), whose derivatives of every order are elementwise.
 
+* **Forward-mode AD** (SOSP-H's ``J theta_M``) with constant weights: torch's convolution JVP is
+  ``conv(x_t, W) + conv(x, W_t)`` and materialises a zero ``W_t`` when the weight has no tangent, one
+  wasted convolution (plus a zero-filled weight and an activation-sized add) per layer; the affine batch
+  norm's JVP goes through a decomposition with zero tangents of its per-channel terms. Here the tangent
+  is ``conv(x_t, W)`` (``x_t * s``), the primal the plain op (:func:`_with_tangent`).
+
 Both are exact: the same functions, other derivative graphs. :data:`OVERRIDES` maps the torch
 functions to these replacements; :func:`pyobc.scoring.gates.second_order_mode` applies them.
 They fall back to the torch function where their shortcut does not apply (weights that require
-grad, string padding, training-mode batch norm, forward-mode AD or functorch transforms active).
+grad or carry a tangent, string padding, training-mode batch norm, functorch transforms active).
 """
 from __future__ import annotations
 
@@ -71,6 +77,20 @@ def _constant(t: torch.Tensor | None) -> bool:
     return t is None or not t.requires_grad
 
 
+def _no_tangent(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or _forward_ad.unpack_dual(t).tangent is None for t in tensors)
+
+
+def _with_tangent(primal_fn: Callable, tangent_fn: Callable, input: torch.Tensor) -> torch.Tensor:
+    """A map that is linear in ``input`` up to a constant (``primal_fn``, whose derivative along the
+    input's forward-mode tangent is ``tangent_fn(tangent)``), evaluated under forward-mode AD: the
+    primal is ``primal_fn`` of the input's primal (reverse mode still reaches ``input`` through it), the
+    output's tangent ``tangent_fn`` of the input's tangent."""
+    primal, tangent = _forward_ad.unpack_dual(input)
+    out = primal_fn(primal)
+    return out if tangent is None else _forward_ad.make_dual(out, tangent_fn(tangent))
+
+
 def conv_input_only(func: Callable, input: torch.Tensor, weight: torch.Tensor, bias=None, stride=1,
                     padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``func(input, weight, bias, ...)`` (``F.conv1d/2d/3d``) with a lean double backward.
@@ -90,8 +110,14 @@ def conv_input_only(func: Callable, input: torch.Tensor, weight: torch.Tensor, b
         True
     """
     if (not _constant(weight) or not _constant(bias) or isinstance(padding, str)
-            or _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
-            or weight.dim() - 2 not in _CONV or not input.requires_grad):
+            or torch._C._are_functorch_transforms_active() or weight.dim() - 2 not in _CONV):
+        return func(input, weight, bias, stride, padding, dilation, groups)
+    if _forward_ad._current_level >= 0:  # JVP: one convolution of the input's tangent, none of W_t = 0
+        if not _no_tangent(weight, bias):
+            return func(input, weight, bias, stride, padding, dilation, groups)
+        return _with_tangent(lambda x: func(x, weight, bias, stride, padding, dilation, groups),
+                             lambda t: func(t, weight, None, stride, padding, dilation, groups), input)
+    if not input.requires_grad:
         return func(input, weight, bias, stride, padding, dilation, groups)
     return _ConvInputOnly.apply(input, weight, bias, stride, padding, dilation, groups)
 
@@ -121,7 +147,10 @@ def batch_norm_eval(input: torch.Tensor, running_mean, running_var, weight=None,
     if bias is not None:
         shift = shift + bias
     shape = [1, -1] + [1] * (input.dim() - 2)
-    return torch.addcmul(shift.view(shape), input, scale.view(shape))
+    scale, shift = scale.view(shape), shift.view(shape)
+    if _forward_ad._current_level >= 0 and _no_tangent(scale, shift):  # tangent x_t * s, no zero terms
+        return _with_tangent(lambda x: torch.addcmul(shift, x, scale), lambda t: t * scale, input)
+    return torch.addcmul(shift, input, scale)
 
 
 def _conv_override(func: Callable) -> Callable:

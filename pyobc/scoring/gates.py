@@ -28,6 +28,7 @@ from typing import Iterator, Mapping
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ..grouping import IN_AXIS, Member
 from ..layers import CONV, LINEAR, NORMS, WEIGHT_LAYERS, is_norm_layer, is_weight_layer
 from ..ops.second_order import OVERRIDES as LEAN_SECOND_ORDER
@@ -105,6 +106,45 @@ def _param_multiplier(gate: torch.Tensor, shape: torch.Size, axis: int, groups: 
     return gate.view(view)
 
 
+class _UnitGate(torch.autograd.Function):
+    """``y * gate`` along channel ``dim`` for a gate whose value is 1, in passes that differentiate once.
+
+    The product is ``y`` itself: the forward copies ``y`` (a later in-place op may modify the result),
+    the input gradient is the incoming gradient (no multiplication by ones), the gate gradient one fused
+    per-channel dot product (:func:`pyobc.ops.channel_dot`), and the forward-mode tangent
+    ``y_t + y * gate_t`` one ``addcmul``. Not differentiable twice (the backward ignores the gate's value).
+    """
+
+    @staticmethod
+    def forward(y, gate, dim):
+        return y.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, gate, dim = inputs
+        ctx.dim = dim
+        ctx.gate_dtype = gate.dtype
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y)
+        ctx.save_for_forward(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        (y,) = ctx.saved_tensors
+        gate_grad = ops.channel_dot(grad, y, ctx.dim) if ctx.needs_input_grad[1] else None
+        return grad, None if gate_grad is None else gate_grad.to(ctx.gate_dtype), None
+
+    @staticmethod
+    def jvp(ctx, y_t, gate_t, _):
+        (y,) = ctx.saved_tensors
+        if gate_t is None:
+            return None if y_t is None else y_t.clone()
+        gate_t = _view_at(gate_t, y, ctx.dim, False)
+        return y * gate_t if y_t is None else torch.addcmul(y_t, y, gate_t)
+
+
 class GatedModel:
     """One forward pass of ``ctx.model`` with gates on every member and an optional ``eps`` scaling.
 
@@ -114,6 +154,9 @@ class GatedModel:
             and bias; OBA's default), ``"all"`` (every parameter; OBA with the full Hessian), ``"members"``
             (the parameters of prunable structures; SOSP), or None (no ``eps``).
         per_sample: batch size for per-sample gates, else None.
+        unit_gates: the activation gates are applied by :class:`_UnitGate` (value 1; no multiplications
+            by ones in the reverse passes): for passes that differentiate once, such as SOSP-H's
+            forward-mode path; needs ``eps_scope=None`` and ``per_sample=None``.
 
     After :meth:`run`, ``gates`` are the gate leaves in layout source order and ``eps`` the scalar.
 
@@ -126,8 +169,11 @@ class GatedModel:
     """
 
     def __init__(self, ctx: Context, eps_scope: str | None = None, per_sample: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, unit_gates: bool = False):
+        if unit_gates and (eps_scope is not None or per_sample is not None):
+            raise ValueError("unit_gates needs eps_scope=None and per_sample=None")
         self.ctx = ctx
+        self.unit_gates = unit_gates
         self.layout = gate_layout(ctx)
         self.per_sample = per_sample
         self.eps_scope = eps_scope
@@ -204,6 +250,7 @@ class GatedModel:
         act_out = {k[1]: g for k, g in self._by_key.items() if k[0] == "act" and k[2] == "out"}
         act_in = {k[1]: g for k, g in self._by_key.items() if k[0] == "act" and k[2] == "in"}
         eps = self.eps
+        unit = self.unit_gates
 
         for name, module in self.ctx.modules.items():
             g_in = act_in.get(name)
@@ -216,13 +263,16 @@ class GatedModel:
                 def pre(mod, args, g=g_in, d=d, name=name):
                     x = args[0]
                     _check_rows(name, mod, x, g, per_sample)
-                    return (x * _view_at(g, x, d, per_sample),) + tuple(args[1:])
+                    x = _UnitGate.apply(x, g, d) if unit else x * _view_at(g, x, d, per_sample)
+                    return (x,) + tuple(args[1:])
                 handles.append(module.register_forward_pre_hook(pre))
             if g_out is not None or how is not None:
                 def post(mod, args, y, g=g_out, d=d, how=how, name=name):
                     # gate and eps combine into one per-channel multiplier, so the activation is
                     # copied once: y' = g * (1 + eps) * y  (minus g * eps * b when eps spares the bias)
                     _check_rows(name, mod, y, g, per_sample)
+                    if unit:  # no eps: the gate alone
+                        return _UnitGate.apply(y, g, d)
                     scale = None if g is None else _view_at(g, y, d, per_sample)
                     shift = None
                     if how is not None:

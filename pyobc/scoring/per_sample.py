@@ -30,6 +30,12 @@ __all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows",
 #: bytes of per-sample gradients materialised at once; larger batches are processed in chunks
 MEMORY_BUDGET = 256 * 2**20
 
+#: bytes per chunk of samples (per-sample weight gradients, or the layer's input/output if larger) in which
+#: :func:`sq_grad_sums` forms the per-sample gradients of conv and linear layers: a chunk that stays in cache
+#: and whose memory the allocator reuses. Whole-batch calls allocated fresh pages every time, and the page
+#: faults made OBD's per-sample conv weight gradients 2-5x slower on CPU (bench/RESULTS.md, issue #15).
+CHUNK_BYTES = 2 * 2**20
+
 #: output channel axes measured by :func:`probe_channel_axes` for the scoring run in progress
 #: (module -> axis, or None for a layer whose output is not per-channel affine in its own parameters)
 
@@ -181,6 +187,20 @@ def _chunks(n: int, per_sample_bytes: int) -> list[slice]:
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def _sq_chunks(module: nn.Module, calls: list[tuple[Record, list]], only: Collection[str] | None) -> list[slice]:
+    """Sample chunks for :func:`sq_grad_sums`: :data:`CHUNK_BYTES` per chunk for conv/linear closed forms
+    (counting a sample's share of the layer's input and output too), :data:`MEMORY_BUDGET` otherwise (norms
+    whose statistics span the batch, vmapped modules)."""
+    n = calls[0][0].x.shape[_batch_dim(module)]
+    grad_bytes = _param_bytes(module, only)
+    if not (isinstance(module, CONV + (nn.Linear,)) and _closed_form_ok(module)):
+        return _chunks(n, grad_bytes)
+    act = max((t[0].numel() * t.element_size() for rec, _ in calls for t in (rec.x, rec.y)
+               if isinstance(t, torch.Tensor) and t.dim() > 0), default=0)
+    step = max(1, min(MEMORY_BUDGET // max(1, grad_bytes), CHUNK_BYTES // max(1, grad_bytes, act)))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 def _conv_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients of a zero-padded conv: the samples become extra groups."""
     n = x.shape[0]
@@ -325,17 +345,17 @@ def sq_grad_sums(module: nn.Module, calls: list[tuple[Record, list]], scale: flo
         if module.bias is not None:
             out["bias"] = (g * g).sum(0)
         return {k: v for k, v in out.items() if only is None or k in only}
-    n = rec0.x.shape[_batch_dim(module)]
     total: dict[str, torch.Tensor] = {}
-    for sl in _chunks(n, _param_bytes(module, only)):
+    for sl in _sq_chunks(module, calls, only):
         acc: dict[str, torch.Tensor] = {}
         for rec, grads in calls:
-            for k, v in per_sample_grads(module, rec, grads, scale, sl, only).items():
+            for k, v in per_sample_grads(module, rec, grads, 1.0, sl, only).items():
                 acc[k] = acc[k] + v if k in acc else v
         for k, v in acc.items():
             s = v.square().sum(0)
             total[k] = total[k] + s if k in total else s
-    return total
+    # the scale is applied once to the sums, not to every per-sample gradient
+    return {k: v * (scale * scale) for k, v in total.items()} if scale != 1.0 else total
 
 
 def activation_rows(kind: str, module: nn.Module, rec: Record, g: torch.Tensor, axes: ChannelAxes,

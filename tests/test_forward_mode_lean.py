@@ -1,0 +1,102 @@
+"""Forward-mode AD through pyobc's lean convolution / eval batch norm, and SOSP-H's unit gates.
+
+References are torch's own ops differentiated by ``torch.func.jvp`` / ``torch.autograd`` in float64 (never
+pyobc's replacements), plus a count of the convolutions that run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad
+
+from pyobc.ops import second_order as lean
+from pyobc.scoring.gates import _UnitGate
+
+CONVS = [  # (func, in_shape, weight_shape, stride, padding, dilation, groups)
+    (F.conv1d, (2, 4, 11), (6, 2, 3), 2, 1, 1, 2),
+    (F.conv2d, (2, 3, 9, 8), (4, 3, 3, 3), 2, 1, 1, 1),
+    (F.conv2d, (2, 4, 10, 7), (4, 1, 3, 3), 1, 2, 2, 4),  # depthwise, dilated
+    (F.conv3d, (1, 2, 5, 6, 5), (3, 2, 2, 3, 2), (1, 2, 2), (0, 1, 1), 1, 1),
+]
+
+
+def _dual_pass(fn, x, t):
+    """(primal, tangent, reverse gradient of <r, primal> w.r.t. x) of ``fn`` at ``x`` along ``t``."""
+    x = x.detach().requires_grad_()
+    with forward_ad.dual_level():
+        out = fn(forward_ad.make_dual(x, t))
+        primal, tangent = forward_ad.unpack_dual(out)
+    r = torch.linspace(-1, 1, primal.numel(), dtype=primal.dtype).view_as(primal)
+    (gx,) = torch.autograd.grad((primal * r).sum(), x)
+    return primal.detach(), tangent, gx
+
+
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: f"{c[0].__name__}-{c[1]}-g{c[6]}")
+def test_conv_jvp_matches_torch_and_runs_one_tangent_convolution(case):
+    func, in_shape, w_shape, *args = case
+    g = torch.Generator().manual_seed(0)
+    x, t = (torch.randn(in_shape, dtype=torch.float64, generator=g) for _ in range(2))
+    w = torch.randn(w_shape, dtype=torch.float64, generator=g)
+    b = torch.randn(w_shape[0], dtype=torch.float64, generator=g)
+    want_p, want_t = torch.func.jvp(lambda v: func(v, w, b, *args), (x,), (t,))
+    with torch.profiler.profile() as prof:
+        got_p, got_t, gx = _dual_pass(lambda v: lean.conv_input_only(func, v, w, b, *args), x, t)
+    torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
+    r = torch.linspace(-1, 1, want_p.numel(), dtype=torch.float64).view_as(want_p)
+    xr = x.clone().requires_grad_()
+    torch.testing.assert_close(gx, torch.autograd.grad((func(xr, w, b, *args) * r).sum(), xr)[0])
+    # primal + tangent, not torch's extra convolution of the input with a zero weight tangent
+    assert sum(e.name == "aten::_convolution" for e in prof.events()) == 2
+
+
+def test_conv_jvp_keeps_torchs_formula_when_the_weight_has_a_tangent():
+    x, w, tw = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+    with forward_ad.dual_level():
+        out = lean.conv_input_only(F.conv2d, x, forward_ad.make_dual(w, tw), None, 1, 1)
+        tangent = forward_ad.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, F.conv2d(x, tw, None, 1, 1))
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 4, 5), (2, 3, 2, 3, 2)])
+def test_batch_norm_eval_jvp_matches_torch(shape):
+    g = torch.Generator().manual_seed(1)
+    c = shape[1]
+    x, t = (torch.randn(shape, dtype=torch.float64, generator=g) for _ in range(2))
+    mean, var = torch.randn(c, dtype=torch.float64, generator=g), torch.rand(c, dtype=torch.float64, generator=g) + 0.1
+    w, b = torch.randn(c, dtype=torch.float64, generator=g), torch.randn(c, dtype=torch.float64, generator=g)
+    want_p, want_t = torch.func.jvp(lambda v: F.batch_norm(v, mean, var, w, b, False, 0.1, 1e-3), (x,), (t,))
+    got_p, got_t, gx = _dual_pass(lambda v: lean.batch_norm_eval(v, mean, var, w, b, False, 0.1, 1e-3), x, t)
+    torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
+    r = torch.linspace(-1, 1, want_p.numel(), dtype=torch.float64).view_as(want_p)
+    torch.testing.assert_close(gx, (r * (w / torch.sqrt(var + 1e-3)).view([1, -1] + [1] * (len(shape) - 2))))
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_unit_gate_is_a_product_with_ones(dim):
+    """Forward value, tangent (input and gate tangents) and reverse gradients of ``y * gate`` at gate = 1,
+    including an in-place op on the result."""
+    g = torch.Generator().manual_seed(2)
+    y, ty, r = (torch.randn(3, 4, 5, dtype=torch.float64, generator=g) for _ in range(3))
+    c = y.shape[dim]
+    tg = torch.randn(c, dtype=torch.float64, generator=g)
+    shape = [1, 1, 1]
+    shape[dim] = c
+
+    def plain(v, gate):
+        return (v * gate.view(shape)).relu_()
+
+    ones = torch.ones(c, dtype=torch.float64)
+    want_p, want_t = torch.func.jvp(plain, (y, ones), (ty, tg))
+    yr, gr = y.clone().requires_grad_(), ones.clone().requires_grad_()
+    want_gy, want_gg = torch.autograd.grad((plain(yr, gr) * r).sum(), (yr, gr))
+
+    yl, gl = y.clone().requires_grad_(), ones.clone().requires_grad_()
+    with forward_ad.dual_level():
+        out = _UnitGate.apply(forward_ad.make_dual(yl, ty), forward_ad.make_dual(gl, tg), dim).relu_()
+        got_p, got_t = forward_ad.unpack_dual(out)
+    got_gy, got_gg = torch.autograd.grad((got_p * r).sum(), (yl, gl))
+    for got, want in ((got_p, want_p), (got_t, want_t), (got_gy, want_gy), (got_gg, want_gg)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
