@@ -52,6 +52,7 @@ from .errors import EmptyLoaderError
 from .grouping import Group
 from .model_state import preserved_state, unwrap_model
 from .nested import map_tensors
+from .progress import show_progress
 from .scoring.batches import iter_batches, model_device
 from .scoring.context import Batch, LossFn, default_loss_for
 from .scoring.engine import feed, prepare
@@ -247,7 +248,7 @@ def score_blockwise(spec: Any, model: nn.Module, loader: Iterable, *, loss_fn: L
     criteria: list[Any] = [None] * len(layers)
     n_batches = n_samples = 0
     with preserved_state(model), _no_cache(model):
-        for batch in iter_batches(loader, device, False, max_batches, False):
+        for batch in iter_batches(loader, device, False, max_batches, show_progress(progress)):
             calls = _record(model, layers, loss_fn, batch.data)
             grad = _output_gradient(model, layers, calls, loss_fn, batch.data, batch.size)
             for i in reversed(range(len(layers))):
