@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from measure import peak_in_child
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000)
@@ -28,8 +27,8 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
 def peak_child(config: dict, batch: int, seq: int, what: str, method: str = "") -> int:
     """Peak RSS growth (bytes) of one forward+backward (``what="fb"``), whole-model scoring
     (``"whole"``) or block-by-block scoring (``"blocks"``) in a fresh process."""
-    code = f"""
-import ctypes, gc, os, sys, threading, time, types
+    setup = f"""
+import types
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 import torch, pyobc, warnings
 warnings.simplefilter("ignore"); torch.set_num_threads(1); torch.manual_seed(0)
@@ -37,27 +36,10 @@ from pyobc.losses import causal_lm
 model = pyobc.models.tiny_llama(**{config!r})
 ids = torch.randint(0, model.config.vocab_size, ({batch}, {seq}))
 import torch_pruning; pyobc.methods()
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
-base = rss(); peak = [base]; done = threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss()); time.sleep(0.0005)
-t = threading.Thread(target=sample, daemon=True); t.start()
-if {what!r} == "fb":
-    causal_lm(model, ids).backward()
-else:
-    pyobc.score(model, [ids], {method!r}, loss_fn=causal_lm, blockwise={what == "blocks"})
-done.set(); t.join()
-print(max(peak[0], rss()) - base)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return int(out.stdout.strip().splitlines()[-1])
+    call = ("causal_lm(model, ids).backward()" if what == "fb" else
+            f"pyobc.score(model, [ids], {method!r}, loss_fn=causal_lm, blockwise={what == 'blocks'})")
+    return peak_in_child(setup, call)
 
 
 def layer_elements(hidden: int, inter: int, heads: int, kv_heads: int, batch: int, seq: int) -> int:

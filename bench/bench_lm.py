@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -32,8 +31,9 @@ sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torc
 import torch
 
 import pyobc
-from pyobc.criteria import get_method
 from pyobc.losses import causal_lm
+
+from measure import peak_in_child, update_times
 
 MODELS = {
     "tiny": {},
@@ -62,57 +62,18 @@ def time_fb(model, ids, repeats: int = 3) -> float:
 
 def time_update(model, ids, method: str, batches: int) -> float:
     """Median seconds of one criterion update (batches 2.. when there are several), inside pyobc.score."""
-    cls = get_method(method)
-    times: list[float] = []
-    original = cls.update
-
-    def timed(self, batch):
-        t0 = time.perf_counter()
-        original(self, batch)
-        times.append(time.perf_counter() - t0)
-
-    cls.update = timed
-    try:
+    with update_times(method) as times:
         pyobc.score(model, [ids] * batches, method, loss_fn=causal_lm, heads="kv")
-    finally:
-        cls.update = original
     return statistics.median(times[1:] if len(times) > 1 else times)
-
-
-_CHILD = """
-import ctypes, gc, os, sys, threading, time
-sys.path.insert(0, {here!r})
-import bench_lm as b
-import torch, torch_pruning
-torch.set_num_threads(1)
-b.pyobc.methods()
-model, ids = b.build({key!r}, {batch}, {seq_len})
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
-base = rss(); peak = [base]; done = threading.Event()
-def sample():  # torch releases the GIL in its kernels, so this thread keeps sampling
-    while not done.is_set():
-        peak[0] = max(peak[0], rss()); time.sleep(0.0005)
-t = threading.Thread(target=sample, daemon=True); t.start()
-if {what!r} == "fb":
-    torch.autograd.grad(b.causal_lm(model, ids), list(model.parameters()))
-else:
-    b.pyobc.score(model, [ids], {what!r}, loss_fn=b.causal_lm, heads="kv")
-done.set(); t.join()
-print(max(peak[0], rss()) - base)
-"""
 
 
 def peak_child(key: str, batch: int, seq_len: int, what: str) -> int:
     """Peak RSS growth (bytes) of one forward+backward (``what="fb"``) or one scoring call, in a fresh process."""
-    from pathlib import Path
-
-    code = _CHILD.format(here=str(Path(__file__).resolve().parent), key=key, batch=batch, seq_len=seq_len, what=what)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    setup = (f"import bench_lm as b, torch, torch_pruning\ntorch.set_num_threads(1)\nb.pyobc.methods()\n"
+             f"model, ids = b.build({key!r}, {batch}, {seq_len})")
+    call = ("torch.autograd.grad(b.causal_lm(model, ids), list(model.parameters()))" if what == "fb" else
+            f"b.pyobc.score(model, [ids], {what!r}, loss_fn=b.causal_lm, heads='kv')")
+    return peak_in_child(setup, call)
 
 
 def measure(key: str, methods: list[str], args) -> list[dict]:

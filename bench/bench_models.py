@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import real_models as rm  # noqa: E402  (tests/real_models.py: the contained torchvision import)
 
 import pyobc  # noqa: E402
-from pyobc.criteria import get_method  # noqa: E402
+from measure import peak_in_child, update_times  # noqa: E402
 
 COST_MODELS = ["tv_resnet50", "tv_mobilenet_v2", "tv_convnext_tiny", "tv_swin_t", "tv_vit"]
 COST_METHODS = ["jacobian", "obd", "oba", "sosp-h", "ec"]
@@ -60,53 +58,20 @@ def time_fb(name: str, model, batch, repeats: int = 3) -> float:
 
 def time_score(name: str, model, batch, method: str, batches: int) -> tuple[float, list[float]]:
     """(total seconds of pyobc.score, seconds of each criterion update)."""
-    cls = get_method(method)
-    updates: list[float] = []
-    original = cls.update
-
-    def timed(self, b):
-        t0 = time.perf_counter()
-        original(self, b)
-        updates.append(time.perf_counter() - t0)
-
-    cls.update = timed
-    try:
+    with update_times(method) as updates:
         t0 = time.perf_counter()
         pyobc.score(model, [batch] * batches, method, loss_fn=rm.ARCHS[name].loss_fn)
         total = time.perf_counter() - t0
-    finally:
-        cls.update = original
     return total, updates
 
 
 def peak_child(name: str, batch: int, what: str) -> int:
     """Peak RSS growth (bytes) of one forward+backward (``what="fb"``) or one scoring call, in a fresh process."""
-    code = f"""
-import ctypes, gc, os, sys, threading, time
-sys.path.insert(0, {str(HERE)!r})
-import bench_models as bm
-import torch_pruning
-from pyobc.criteria import methods; methods()
-model, batch = bm.rm.build({name!r}, {batch})
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
-base = rss(); peak = [base]; done = threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss()); time.sleep(0.0005)
-t = threading.Thread(target=sample, daemon=True); t.start()
-if {what!r} == "fb":
-    bm.fwd_bwd({name!r}, model, batch)
-else:
-    bm.pyobc.score(model, [batch], {what!r}, loss_fn=bm.rm.ARCHS[{name!r}].loss_fn)
-done.set(); t.join()
-print(max(peak[0], rss()) - base)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    setup = (f"import bench_models as bm\nimport torch_pruning\nfrom pyobc.criteria import methods; methods()\n"
+             f"model, batch = bm.rm.build({name!r}, {batch})")
+    call = (f"bm.fwd_bwd({name!r}, model, batch)" if what == "fb" else
+            f"bm.pyobc.score(model, [batch], {what!r}, loss_fn=bm.rm.ARCHS[{name!r}].loss_fn)")
+    return peak_in_child(setup, call)
 
 
 def cost_rows(models: list[str], methods: list[str], batch: int, memory: bool) -> list[dict]:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from measure import peak_in_child, update_times
 
 MODELS = {
     "resnet20": dict(name="resnet20", in_channels=3, input_size=32),
@@ -64,22 +64,9 @@ def fwd_bwd(model, x, y):
 def time_per_batch(model, x, y, method, options, batches: int) -> float:
     """Median seconds of one criterion update (one batch), measured inside pyobc.score."""
     import pyobc
-    from pyobc.criteria import get_method
 
-    cls = get_method(method)
-    times: list[float] = []
-    original = cls.update
-
-    def timed(self, batch):
-        t0 = time.perf_counter()
-        original(self, batch)
-        times.append(time.perf_counter() - t0)
-
-    cls.update = timed
-    try:
+    with update_times(method) as times:
         pyobc.score(model, [(x, y)] * batches, method, **options)
-    finally:
-        cls.update = original
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
@@ -93,41 +80,12 @@ def time_fb(model, x, y, repeats: int) -> float:
 
 
 def _peak_child(model_key: str, batch: int, what: str, options: dict) -> int:
-    """Peak RSS growth (bytes) of one forward+backward or one scoring batch, in a fresh process:
-    the high-water mark after the call minus the resident size just before it."""
-    code = f"""
-import ctypes, gc, json, os, sys, threading, time, torch
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-from bench_scoring import build, fwd_bwd
-import pyobc
-model, x, y = build({model_key!r}, {batch})
-from pyobc.criteria import methods; methods()
-import torch_pruning  # imported before the baseline, like every other module scoring needs
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():  # current resident set in bytes (not the high-water mark)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-base = rss()
-peak = [base]
-done = threading.Event()
-def sample():  # torch releases the GIL in its kernels, so this thread keeps sampling
-    while not done.is_set():
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.0005)
-t = threading.Thread(target=sample, daemon=True)
-t.start()
-what = {what!r}
-if what == "fb":
-    fwd_bwd(model, x, y)
-else:
-    pyobc.score(model, [(x, y)], what, **json.loads({json.dumps(json.dumps(options))}))
-done.set(); t.join()
-print(max(peak[0], rss()) - base)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    """Peak RSS growth (bytes) of one forward+backward or one scoring batch, in a fresh process."""
+    setup = (f"import json, torch, pyobc, torch_pruning\nfrom bench_scoring import build, fwd_bwd\n"
+             f"model, x, y = build({model_key!r}, {batch})\nfrom pyobc.criteria import methods; methods()")
+    call = ("fwd_bwd(model, x, y)" if what == "fb" else
+            f"pyobc.score(model, [(x, y)], {what!r}, **json.loads({json.dumps(json.dumps(options))}))")
+    return peak_in_child(setup, call)
 
 
 def main(argv=None) -> int:

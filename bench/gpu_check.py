@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 import pyobc
 import pyobc.ops as ops
-from pyobc.criteria import get_method
+
+from measure import update_times
 
 METHODS = [("jacobian", "jacobian", {}), ("obd", "obd", {}), ("oba", "oba", {}),
            ("oba full", "oba", {"hessian": "full"}), ("sosp-h", "sosp-h", {})]
@@ -187,21 +188,8 @@ def fwd_bwd(model, x, y):
 
 def score_time(model, x, y, method, options, batches: int, device) -> float:
     """Median seconds of one criterion update inside pyobc.score (tracing and setup excluded)."""
-    cls, times = get_method(method), []
-    original = cls.update
-
-    def timed(self, batch):
-        _sync(device)
-        t0 = time.perf_counter()
-        original(self, batch)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-
-    cls.update = timed
-    try:
+    with update_times(method, sync=lambda: _sync(device)) as times:
         pyobc.score(model, [(x, y)] * batches, method, progress=False, **options)
-    finally:
-        cls.update = original
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 

@@ -1,0 +1,91 @@
+"""Measurement helpers shared by the bench scripts.
+
+* :func:`update_times`: the seconds of every criterion update inside ``pyobc.score`` (tracing and setup
+  excluded), by wrapping the criterion class's ``update`` while the block runs;
+* :func:`peak_rss_growth`: the peak resident-memory growth of one call over the resident size just before
+  it (after ``gc`` and ``malloc_trim``), sampled every 0.5 ms by a thread (torch kernels release the GIL);
+* :func:`peak_in_child`: the same in a fresh Python process, so that earlier allocations do not hide it.
+
+Example:
+    >>> growth = peak_rss_growth(lambda: bytearray(64 * 2**20))
+    >>> growth > 32 * 2**20
+    True
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+HERE = Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def update_times(method: str, sync: Callable[[], None] | None = None) -> Iterator[list[float]]:
+    """A list that receives the seconds of each ``update`` of criterion ``method`` while the block runs
+    (``sync`` is called before and after each one, e.g. ``torch.cuda.synchronize``)."""
+    from pyobc.criteria import get_method
+
+    cls, times = get_method(method), []
+    original = cls.update
+
+    def timed(self, batch):
+        if sync is not None:
+            sync()
+        t0 = time.perf_counter()
+        original(self, batch)
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t0)
+
+    cls.update = timed
+    try:
+        yield times
+    finally:
+        cls.update = original
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_growth(run: Callable[[], object]) -> int:
+    """Peak resident-memory growth in bytes while ``run()`` executes (see the module docstring)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _rss()
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        run()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _rss()) - base
+
+
+def peak_in_child(setup: str, call: str) -> int:
+    """:func:`peak_rss_growth` of the expression ``call`` in a fresh Python process, after running the
+    statements ``setup`` there (with ``bench/`` on ``sys.path``)."""
+    code = (f"import sys\nsys.path.insert(0, {str(HERE)!r})\nfrom measure import peak_rss_growth\n{setup}\n"
+            f"print(peak_rss_growth(lambda: {call}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"measuring {call!r} failed:\n{out.stderr[-2000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
