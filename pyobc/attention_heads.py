@@ -235,6 +235,17 @@ def _layout(name: str, module: nn.Module, parent: nn.Module | None) -> HeadLayou
     return None
 
 
+def _other_width_params(module: nn.Module, layout: HeadLayout) -> list[str]:
+    """Parameters of the attention module outside its projections with a dimension as wide as all query or
+    all key/value heads (OLMo-2 normalises the whole query vector): they would not follow a cut."""
+    widths = {layout.num_heads * layout.head_dim, layout.num_kv_heads * layout.head_dim} - {layout.head_dim}
+    prefix = f"{layout.module}." if layout.module else ""
+    projections = tuple(n[len(prefix):] + "." for n in {layout.q, layout.k, layout.v, layout.out}
+                        if n.startswith(prefix))
+    return [n for n, p in module.named_parameters()
+            if not n.startswith(projections) and any(d in widths for d in p.shape)]
+
+
 def head_layouts(model: nn.Module) -> list[HeadLayout]:
     """The :class:`HeadLayout` of every attention module of ``model`` whose whole heads pyobc can prune.
 
@@ -249,7 +260,7 @@ def head_layouts(model: nn.Module) -> list[HeadLayout]:
         if head_family(module) is None or not is_attention_module(module):
             continue
         layout = _layout(name, module, modules.get(name.rpartition(".")[0]) if name else None)
-        if layout is not None:
+        if layout is not None and not _other_width_params(module, layout):
             out.append(layout)
     return out
 

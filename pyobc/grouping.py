@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .attention_heads import HeadLayout, attention_layers, head_layouts, int_width_layers
+from .fused_mlp import FusedMLP, fused_mlps
 from .hidden_width import HiddenLayout, hidden_layout
 from . import grouping_cache
 from .grouping_search import SEARCH_SECONDS, search_groups
@@ -394,7 +395,9 @@ def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn:
     import torch_pruning as tp  # imported on first use: it takes a second to import
     from torch_pruning.pruner import function as tp_function
 
-    protected = {**int_width_layers(model), **attention_layers(model)}
+    mlps = fused_mlps(model)
+    protected = {**int_width_layers(model), **attention_layers(model),
+                 **{n: f.module for f in mlps for n in (f.gate_up, f.down)}}
     transposed = {type(m) for m in model.modules() if is_transposed_linear(m)}
     pruner = _transposed_linear_pruner(tp_function)()
     dg, seen = _trace(tp, model, example_inputs, forward_fn, {t: pruner for t in transposed})
@@ -406,6 +409,8 @@ def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn:
         progress=progress)
     groups = [g for tp_group in tp_groups if (g := converter.convert(tp_group)) is not None]
     groups += converter.head_groups(model, seen, heads)
+    groups += [_fused_mlp_group(model, f, converter.canonical) for f in mlps
+               if f.module in seen and not any(id(model.get_submodule(n)) in ignored for n in (f.gate_up, f.down))]
     if hidden_dims is not None:
         group = _hidden_group(model, hidden_dims, converter.canonical)
         if not any(id(model.get_submodule(m.module)) in ignored for m in group.members):
@@ -697,6 +702,15 @@ def _named_member(model: nn.Module, layer: str, kind: str, index: torch.Tensor, 
     slices = tuple(dataclasses.replace(sl, param=canonical.get(sl.param, sl.param))
                    for sl in _slices_for(kind, module, layer, index, root))
     return Member(layer, kind, type(module).__name__, index, root, slices)
+
+
+def _fused_mlp_group(model: nn.Module, f: FusedMLP, canonical: dict[str, str]) -> Group:
+    """The neurons of a fused gated MLP (:mod:`pyobc.fused_mlp`): rows ``i`` and ``I + i`` of ``gate_up_proj``
+    and column ``i`` of ``down_proj``."""
+    idx = torch.arange(f.width)
+    members = (_named_member(model, f.gate_up, "out", torch.cat([idx, idx + f.width]), idx.repeat(2), canonical),
+               _named_member(model, f.down, "in", idx, idx, canonical))
+    return Group(root=f.gate_up, size=f.width, members=members)
 
 
 def _hidden_group(model: nn.Module, layout: HiddenLayout, canonical: dict[str, str]) -> Group:

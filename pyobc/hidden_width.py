@@ -28,7 +28,11 @@ import torch.nn as nn
 from .attention_heads import head_layouts
 from .layers import is_norm_layer
 
-__all__ = ["HiddenLayout", "hidden_layout"]
+__all__ = ["HIDDEN_MODEL_TYPES", "HiddenLayout", "hidden_layout"]
+
+#: ``config.model_type`` of the decoders whose hidden width ``hidden=True`` cuts (Gemma's norms are
+#: ``(1 + w) * x / rms(x)`` and it scales the embedding by ``sqrt(hidden_size)``: a rescale would not keep them)
+HIDDEN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,11 @@ def _check(model: nn.Module) -> tuple[int, list]:
         raise ValueError("hidden=True: pyobc prunes the hidden width of Llama-family decoders only (q_proj/k_proj/"
                          f"v_proj/o_proj attention); {type(model).__name__} has "
                          + (", ".join(sorted({h.family for h in heads})) or "no such") + " attention")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in HIDDEN_MODEL_TYPES:
+        raise ValueError(f"hidden=True: pyobc cuts the hidden width of {', '.join(HIDDEN_MODEL_TYPES)} models, whose "
+                         "norms are weight * x / rms(x) and whose embeddings are not scaled by the width; got "
+                         f"model_type={model_type!r}")
     return width, heads
 
 

@@ -46,7 +46,7 @@ def mlp_widths(model: nn.Module) -> list[int]:
     out = []
     for name, m in model.named_modules():
         kids = dict(m.named_children())
-        if type(kids.get("down_proj")) is nn.Linear and ("up_proj" in kids or "gate_proj" in kids):
+        if type(kids.get("down_proj")) is nn.Linear and ({"up_proj", "gate_proj", "gate_up_proj"} & set(kids)):
             out.append(kids["down_proj"].in_features)
         elif is_transposed_linear(kids.get("c_fc")) and is_transposed_linear(kids.get("c_proj")):
             out.append(int(kids["c_fc"].weight.shape[1]))
