@@ -409,8 +409,10 @@ def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn:
         progress=progress)
     groups = [g for tp_group in tp_groups if (g := converter.convert(tp_group)) is not None]
     groups += converter.head_groups(model, seen, heads)
-    groups += [_fused_mlp_group(model, f, converter.canonical) for f in mlps
-               if f.module in seen and not any(id(model.get_submodule(n)) in ignored for n in (f.gate_up, f.down))]
+    for f in mlps:
+        if f.module in seen and not any(id(model.get_submodule(n)) in ignored for n in (f.gate_up, f.down)):
+            groups.append(_fused_mlp_group(model, f, converter.canonical))
+            converter.rebuilt.add(f.module)
     if hidden_dims is not None:
         group = _hidden_group(model, hidden_dims, converter.canonical)
         if not any(id(model.get_submodule(m.module)) in ignored for m in group.members):
@@ -528,6 +530,7 @@ class _GroupConverter:
                 self.tied_owners.setdefault(first, {first.rpartition(".")[0]}).add(alias.rpartition(".")[0])
         self.heads: list[str] = []
         self.touched_attention: list[set[str]] = []  # per skipped["attention"] entry: the attention modules
+        self.rebuilt: set[str] = set()  # other protected modules whose groups pyobc builds itself (fused MLPs)
 
     def convert(self, tp_group: Any) -> Group | None:
         """The group, or None when it must not be pruned (an ignored layer, a model output) or is empty."""
@@ -590,7 +593,7 @@ class _GroupConverter:
     def summary(self) -> str:
         """The groups left out, as sentences for messages ('' when none)."""
         parts = []
-        modules = sorted({name or "<model>" for name in self.protected.values()} - set(self.heads))
+        modules = sorted({name or "<model>" for name in self.protected.values()} - set(self.heads) - self.rebuilt)
         if self.skipped["attention"]:
             parts.append("; groups left whole because they would change attention widths: "
                          + ", ".join(self.skipped["attention"]))
@@ -614,9 +617,9 @@ class _GroupConverter:
     def message(self) -> str:
         """One warning naming the groups left out ('' when none)."""
         # a model whose every attention module loses whole heads keeps its hidden width by design: no warning
-        quiet = all(t <= set(self.heads) for t in self.touched_attention)
+        quiet = all(t <= set(self.heads) | self.rebuilt for t in self.touched_attention)
         other = any(v for k, v in self.skipped.items() if k != "attention")
-        if set(self.protected.values()) - set(self.heads) or other or not quiet:
+        if set(self.protected.values()) - set(self.heads) - self.rebuilt or other or not quiet:
             return "pyobc: " + self.summary()[2:]
         return ""
 
