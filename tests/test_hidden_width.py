@@ -83,3 +83,16 @@ def test_hidden_is_only_on_request_and_only_for_llama_family():
                     example_inputs=torch.randn(2, 4), hidden=True)
     with pytest.raises(ValueError, match="spans every layer"):
         pyobc.score(model, [ids], "taylor", hidden=True, blockwise=True)
+
+
+@pytest.mark.parametrize("heads", ["kv", "query"])
+def test_hidden_and_query_head_cuts_round_trip_through_pyobc_save(tmp_path, heads):
+    model, ids = _llama(), torch.randint(0, 259, (2, 8), generator=torch.Generator().manual_seed(3))
+    scores = pyobc.score(model, [ids], "taylor", hidden=True, heads=heads)
+    small, _ = pyobc.prune(model, scores, 0.5, scope="local", example_inputs=ids)
+    assert small.config.hidden_size == 8
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == ((2, 1) if heads == "kv" else (2, 2))
+    pyobc.save(small, tmp_path / "small.pt")
+    again = pyobc.load(_llama(), tmp_path / "small.pt")
+    torch.testing.assert_close(again(ids).logits, small(ids).logits)
+    assert again.config.hidden_size == 8 and again.config.num_key_value_heads == small.config.num_key_value_heads

@@ -126,20 +126,26 @@ def replay(model: nn.Module, entry: dict[str, Any], example_inputs: Any = None) 
         if isinstance(inputs, list):  # positional arguments (plans written before tuples were kept)
             inputs = tuple(inputs)
         try:
-            rebuilt = {g.root: g for g in build_groups(model, inputs)}
+            rebuilt = {g.root: g for g in build_groups(model, inputs, **_structures(stored))}
         except NotImplementedError:  # layers that the original scoring ignored: use the records
             rebuilt = {}
         if rebuilt:
             groups = []
             for g in stored:
                 new = rebuilt.get(g.root)
-                if any(m.kind == "heads" for m in g.members) and (new is None or new.size != g.size):
-                    new = g  # attention heads scored with heads="query": the records are exact for this model
                 if new is None or new.size != g.size:
                     raise ValueError(f"replaying the plan: the rebuilt model has no group rooted at {g.root!r} "
                                      f"with {g.size} channels")
                 groups.append(new)
     apply_keep(model, groups, entry["keep"])
+
+
+def _structures(groups: list[Group]) -> dict[str, Any]:
+    """The ``build_groups`` options the recorded groups were built with: query-head groups (a ``heads``
+    member with a divisor) mean ``heads="query"``, a hidden-width group ``hidden=True``."""
+    kinds = [(m.kind, g.divisor) for g in groups for m in g.members]
+    return {"heads": "query" if any(k == "heads" and d > 1 for k, d in kinds) else "kv",
+            "hidden": any(k == "hidden_norm" for k, _ in kinds)}
 
 
 def load(model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None, strict: bool = True) -> nn.Module:
