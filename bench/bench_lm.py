@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import types
 
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
@@ -33,7 +32,7 @@ import torch
 import pyobc
 from pyobc.losses import causal_lm
 
-from measure import peak_in_child, update_times
+from measure import median_seconds, peak_in_child, update_times
 
 MODELS = {
     "tiny": {},
@@ -52,12 +51,7 @@ def build(key: str, batch: int, seq_len: int):
 
 def time_fb(model, ids, repeats: int = 3) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        torch.autograd.grad(causal_lm(model, ids), params)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return median_seconds(lambda: torch.autograd.grad(causal_lm(model, ids), params), repeats)
 
 
 def time_update(model, ids, method: str, batches: int) -> float:

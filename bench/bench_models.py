@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import real_models as rm  # noqa: E402  (tests/real_models.py: the contained torchvision import)
 
 import pyobc  # noqa: E402
-from measure import peak_in_child, update_times  # noqa: E402
+from measure import median_seconds, peak_in_child, update_times  # noqa: E402
 
 COST_MODELS = ["tv_resnet50", "tv_mobilenet_v2", "tv_convnext_tiny", "tv_swin_t", "tv_vit"]
 COST_METHODS = ["jacobian", "obd", "oba", "sosp-h", "ec"]
@@ -48,12 +48,7 @@ def fwd_bwd(name: str, model, batch) -> None:
 
 
 def time_fb(name: str, model, batch, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        fwd_bwd(name, model, batch)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return median_seconds(lambda: fwd_bwd(name, model, batch), repeats)
 
 
 def time_score(name: str, model, batch, method: str, batches: int) -> tuple[float, list[float]]:

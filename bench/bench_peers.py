@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, torch-pruning {importlib.metadata.version("torch-pruning")}, threads {torch.get_num_threads()}, "
+    print(f"torch {torch.__version__}, torch-pruning {importlib.metadata.version('torch-pruning')}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.batches} batches; ms per batch (medians), ratio = Torch-Pruning / pyobc")
     for key in args.models:
         model, data = build(key, args.batch, args.batches)

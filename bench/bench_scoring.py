@@ -20,12 +20,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from measure import peak_in_child, update_times
+from measure import median_seconds, peak_in_child, update_times
 
 MODELS = {
     "resnet20": dict(name="resnet20", in_channels=3, input_size=32),
@@ -71,12 +70,7 @@ def time_per_batch(model, x, y, method, options, batches: int) -> float:
 
 
 def time_fb(model, x, y, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        fwd_bwd(model, x, y)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return median_seconds(lambda: fwd_bwd(model, x, y), repeats)
 
 
 def _peak_child(model_key: str, batch: int, what: str, options: dict) -> int:

@@ -1,5 +1,6 @@
 """Measurement helpers shared by the bench scripts.
 
+* :func:`median_seconds`: the median time of a call after one warm-up call;
 * :func:`update_times`: the seconds of every criterion update inside ``pyobc.score`` (tracing and setup
   excluded), by wrapping the criterion class's ``update`` while the block runs;
 * :func:`peak_rss_growth`: the peak resident-memory growth of one call over the resident size just before
@@ -17,6 +18,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -50,6 +52,16 @@ def update_times(method: str, sync: Callable[[], None] | None = None) -> Iterato
         yield times
     finally:
         cls.update = original
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def _rss() -> int:
