@@ -107,7 +107,11 @@ Outputs
 * ``extras["ec_curvature"]``: the curvature used.
 
 All state is kept in additive accumulators (sums over samples and positions, and the sample count),
-so data-parallel scoring only has to add them up.
+so data-parallel scoring only has to add them up. They are float64 (the score is a difference of two
+moments) and hold only what the scores read: for channel scores ``sum over taps of W h_wb`` per (out,
+in-channel) of each consumer and ``sum_i E[phi u^2]`` per root channel — one float64 per (out,
+in-channel), a kernel's taps times less than a weight-sized accumulator; ``granularity="weight"`` keeps
+``h_wb`` and ``h_ww`` per weight.
 """
 from __future__ import annotations
 
@@ -325,12 +329,15 @@ class EC(Criterion):
         zeros = (lambda shape: self._acc(torch.zeros(shape, dtype=w.dtype, device=w.device)))
         if f"bb:{name}" not in self.acc:
             self.add(f"bb:{name}", zeros(w.shape[0]))
-            self.add(f"wb:{name}", zeros(w.shape))
-        if self.per_weight and f"ww:{name}" not in self.acc:
-            self.add(f"ww:{name}", zeros(w.shape))
+        if self.per_weight:
+            for key in (f"wb:{name}", f"ww:{name}"):
+                if key not in self.acc:
+                    self.add(key, zeros(w.shape))
+        elif f"wbc:{name}" not in self.acc:
+            self.add(f"wbc:{name}", zeros(w.shape[:2]))
         for gi, mi, m in self._consumers.get(name, ()):
             if f"uu:{gi}:{mi}" not in self.acc:
-                self.add(f"uu:{gi}:{mi}", zeros((w.shape[0], self.ctx.groups[gi].size)))
+                self.add(f"uu:{gi}:{mi}", zeros(self.ctx.groups[gi].size))
 
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor, phi: torch.Tensor,
                     weight_mode: bool) -> None:
@@ -340,13 +347,14 @@ class EC(Criterion):
             xr = x.reshape(-1, x.shape[-1])
             pr = phi.reshape(-1, phi.shape[-1])
             self.add(f"bb:{name}", self._acc(pr.sum(0)))
-            self.add(f"wb:{name}", self._acc(pr.t().mm(xr)))
+            self._add_wb(name, w, pr.t().mm(xr), weight_mode)
             x2 = None
             if weight_mode:
                 x2 = pr.t().mm(xr * xr)
                 self.add(f"ww:{name}", self._acc(x2))
             for gi, mi, m in self._consumers.get(name, ()):
-                self.add(f"uu:{gi}:{mi}", self._acc(self._linear_uu(m, w, xr, pr, x2, self.ctx.groups[gi].size)))
+                uu = self._linear_uu(m, w, xr, pr, x2, self.ctx.groups[gi].size)
+                self.add(f"uu:{gi}:{mi}", self._acc(uu).sum(0))
             return
         # conv
         if x.dim() == w.dim() - 1:  # unbatched call
@@ -355,12 +363,21 @@ class EC(Criterion):
         wgrad = _CONV_WEIGHT[w.dim() - 2]
         args = (module.stride, padding, module.dilation, module.groups)
         self.add(f"bb:{name}", self._acc(phi.transpose(0, 1).reshape(phi.shape[1], -1).sum(1)))
-        self.add(f"wb:{name}", self._acc(wgrad(xp, w.shape, phi, *args)))
+        self._add_wb(name, w, wgrad(xp, w.shape, phi, *args), weight_mode)
         if weight_mode:
             self.add(f"ww:{name}", self._acc(wgrad(xp * xp, w.shape, phi, *args)))
         for gi, mi, m in self._consumers.get(name, ()):
-            self.add(f"uu:{gi}:{mi}", self._acc(self._conv_uu(module, m, w, xp, padding, phi,
-                                                               self.ctx.groups[gi].size)))
+            uu = self._conv_uu(module, m, w, xp, padding, phi, self.ctx.groups[gi].size)
+            self.add(f"uu:{gi}:{mi}", self._acc(uu).sum(0))
+
+    def _add_wb(self, name: str, w: torch.Tensor, wb: torch.Tensor, weight_mode: bool) -> None:
+        """Accumulate ``h_wb`` per weight (``granularity="weight"``) or, for channel scores, only what
+        they read of it: ``sum over taps of W h_wb`` per (out, in-channel), linear in ``h_wb`` and a
+        kernel's taps times smaller (the float64 accumulators are the weight-sized part of ec's memory)."""
+        if weight_mode:
+            self.add(f"wb:{name}", self._acc(wb))
+        else:
+            self.add(f"wbc:{name}", self._acc((w * wb).reshape(w.shape[0], w.shape[1], -1).sum(-1)))
 
     @staticmethod
     def _linear_uu(m, w: torch.Tensor, xr: torch.Tensor, pr: torch.Tensor, x2: torch.Tensor | None,
@@ -442,67 +459,85 @@ class EC(Criterion):
         return torch.matmul(ws, a)
 
     # -- results -----------------------------------------------------------------------------------------
+    def _ratio(self, name: str) -> torch.Tensor | None:
+        """``h_wb / h_bb`` of layer ``name`` (0 where there is no compensation; None if it never ran):
+        per weight, or summed over taps with the weights (``wbc``) for channel scores. One layer at a
+        time, so that finalising holds one weight-sized temporary, not one per layer."""
+        module = self._scored[name]
+        if f"bb:{name}" not in self.acc:
+            return None
+        bb = self.acc[f"bb:{name}"]
+        # channel scores read wbc once: finalize (called once, after any data-parallel reduction) frees it
+        # as it goes, so the float64 accumulators and the float32 channel shifts never coexist whole
+        wb = self.acc[f"wb:{name}"] if self.per_weight else self.acc.pop(f"wbc:{name}")
+        if module.bias is None:
+            return torch.zeros_like(wb)
+        ok = bb > 0
+        r = torch.where(ok, 1 / torch.where(ok, bb, torch.ones_like(bb)), torch.zeros_like(bb))
+        scale = r.reshape((-1,) + (1,) * (wb.dim() - 1))
+        return wb * scale if self.per_weight else wb.mul_(scale)
+
     def finalize(self) -> Result:
-        ctx = self.ctx
-        theta = ctx.theta
         ns = self.count("samples")
         extras: dict[str, Any] = {"ec_curvature": self.opts["curvature"], "ec_channel_shift": {}}
-        ratio: dict[str, torch.Tensor] = {}  # h_wb / h_bb (0 where there is no compensation)
-        for name, module in self._scored.items():
-            if f"bb:{name}" not in self.acc:
-                continue
-            bb, wb = self.acc[f"bb:{name}"], self.acc[f"wb:{name}"]
-            if module.bias is not None:
-                ok = bb > 0
-                r = torch.where(ok, 1 / torch.where(ok, bb, torch.ones_like(bb)), torch.zeros_like(bb))
-                ratio[name] = wb * r.reshape((-1,) + (1,) * (wb.dim() - 1))
-            else:
-                ratio[name] = torch.zeros_like(wb)
-
         parameter = None
         if self.per_weight:
-            parameter, shifts = {}, {}
-            for name in self._scored:
-                if name not in ratio:
-                    continue
-                wname = _qual(name, "weight")
-                w = self._weight(name, theta)
-                wd = w.to(ratio[name].dtype)
-                ww, wb = self.acc[f"ww:{name}"], self.acc[f"wb:{name}"]
-                score = 0.5 * wd.square() * (ww - wb * ratio[name]) / ns
-                back = (lambda t, n=name: t.t() if is_transposed_linear(self._scored[n]) else t)  # stored layout
-                parameter[wname] = back(score.to(w.dtype))
-                shifts[wname] = back((wd * ratio[name]).to(w.dtype)).cpu()
-            extras["ec_shift"] = shifts
-
-        channel = [torch.zeros(g.size, dtype=torch.float64, device=ctx.device) for g in ctx.groups]
+            parameter, extras["ec_shift"] = self._weight_scores(ns)
+        channel = [torch.zeros(g.size, dtype=torch.float64, device=self.ctx.device) for g in self.ctx.groups]
         for name, members in self._consumers.items():
-            if name not in ratio:
+            ratio = self._ratio(name)
+            if ratio is None:
                 continue
-            module = self._scored[name]
-            w = self._weight(name, theta)
-            wd = w.to(ratio[name].dtype)
+            w = self._weight(name, self.ctx.theta)
             o = w.shape[0]
             # per (out i, local in-channel): sum over taps of W * h_wb / h_bb = the channel's shift
-            col = (wd * ratio[name]).reshape(o, w.shape[1], -1).sum(-1)
-            bb = self.acc[f"bb:{name}"]
-            groups = getattr(module, "groups", 1) if isinstance(module, CONV) else 1
-            o_g, i_g = o // groups, w.shape[1]
-            full = col.repeat(1, groups)  # (O, groups * I_g): group-expanded input channels
-            if groups > 1:
-                same = ((torch.arange(o, device=col.device) // o_g).unsqueeze(1)
-                        == (torch.arange(groups * i_g, device=col.device) // i_g).unsqueeze(0))
-                full = full * same
+            if self.per_weight:
+                col = (w.to(ratio.dtype) * ratio).reshape(o, w.shape[1], -1).sum(-1)
+            else:  # accumulated already summed over taps (_add_wb)
+                col = ratio
+            del ratio
+            full = self._group_expanded(self._scored[name], col)
             extras["ec_channel_shift"][name] = full.to(w.dtype).cpu()
+            bb = self.acc[f"bb:{name}"]
             for gi, mi, m in members:
-                size = ctx.groups[gi].size
+                size = self.ctx.groups[gi].size
                 idx, roots = m.index.to(full.device), m.root.to(full.device)
                 shift = torch.zeros(o, size, dtype=full.dtype, device=full.device).index_add_(1, roots, full[:, idx])
-                uu = self.acc[f"uu:{gi}:{mi}"]
-                # E[phi u^2] - E[phi u]^2 / h_bb = uu - (beta* h_bb)^2 / h_bb = uu - beta*^2 h_bb
-                per_out = uu - shift.square() * bb.unsqueeze(1)
-                channel[gi] = channel[gi] + 0.5 * per_out.sum(0) / ns
+                # sum_i E[phi u^2] - E[phi u]^2 / h_bb = sum_i uu - (beta* h_bb)^2 / h_bb = uu - beta*^2 h_bb;
+                # uu is linear in the data, so it is accumulated already summed over outputs i
+                per_channel = self.acc[f"uu:{gi}:{mi}"] - (shift.square() * bb.unsqueeze(1)).sum(0)
+                channel[gi] = channel[gi] + 0.5 * per_channel / ns
         return Result([c.to(self._out_dtype()) for c in channel], parameter, extras)
+
+    def _weight_scores(self, ns: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``granularity="weight"``: ``I`` and ``beta*`` per weight of every scored layer (stored layout)."""
+        parameter, shifts = {}, {}
+        theta = self.ctx.theta
+        for name in self._scored:
+            ratio = self._ratio(name)
+            if ratio is None:
+                continue
+            wname = _qual(name, "weight")
+            w = self._weight(name, theta)
+            wd = w.to(ratio.dtype)
+            ww, wb = self.acc[f"ww:{name}"], self.acc[f"wb:{name}"]
+            score = 0.5 * wd.square() * (ww - wb * ratio) / ns
+            back = (lambda t, n=name: t.t() if is_transposed_linear(self._scored[n]) else t)  # stored layout
+            parameter[wname] = back(score.to(w.dtype))
+            shifts[wname] = back((wd * ratio).to(w.dtype)).cpu()
+        return parameter, shifts
+
+    @staticmethod
+    def _group_expanded(module: nn.Module, col: torch.Tensor) -> torch.Tensor:
+        """``col (O, I_g)`` over a grouped conv's group-expanded input channels ``(O, groups * I_g)``,
+        zero where output ``i`` does not read the channel."""
+        groups = getattr(module, "groups", 1) if isinstance(module, CONV) else 1
+        if groups == 1:
+            return col
+        o, i_g = col.shape
+        same = ((torch.arange(o, device=col.device) // (o // groups)).unsqueeze(1)
+                == (torch.arange(groups * i_g, device=col.device) // i_g).unsqueeze(0))
+        return col.repeat(1, groups) * same
 
     def _out_dtype(self) -> torch.dtype:
         return torch.float64 if any(p.dtype == torch.float64 for p in self.ctx.params.values()) else torch.float32
