@@ -296,3 +296,47 @@ def test_micro_batches_refuse_a_loss_that_is_not_a_per_sample_mean():
     pyobc.score(model, [(x, y)], "oba", loss_fn=summed, micro_batch=None)  # fine without splitting
     with pytest.raises(ValueError, match="micro_batch"):
         pyobc.score(model, [(x, y)], "oba", micro_batch=0)
+
+
+class _Square(torch.autograd.Function):
+    """``x ** 2`` with a twice-differentiable backward and no forward-mode formula (no ``jvp``)."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class SquareNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(_Square.apply(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("hess", ["inter-layer", "full"])
+def test_op_without_forward_mode_derivative_scores_with_two_reverse_passes(hess):
+    """Channel scores run forward-over-reverse; an op that forward mode cannot pass (a custom Function
+    without jvp) switches them, with a warning, to reverse-over-reverse: the same values as the weight
+    path (itself checked against dense Hessians above)."""
+    torch.manual_seed(0)
+    model = SquareNet().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, generator=g)
+    y = torch.randint(0, 3, (6,), generator=g)
+    kw = dict(hessian=hess, group_reduction="sum", normalize="none")
+    with pytest.warns(UserWarning, match="two reverse passes"):
+        a = pyobc.score(model, [(x, y)], "oba", **kw).by_module()
+    b = pyobc.score(model, [(x, y)], "oba", granularity="weight", **kw).by_module()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-7, atol=1e-12)

@@ -1,22 +1,34 @@
 """Optimal Brain Apoptosis (Sun et al., ICLR 2025): second-order Taylor with exact Hessian blocks."""
 from __future__ import annotations
 
+import re
+import warnings
+
 import torch
+from torch.autograd import forward_ad
 from ..layers import is_norm_layer
 from ..scoring.gates import GatedModel, gate_layout, second_order_mode
 from . import register
 from .base import Criterion, Result, model_outputs, validate_micro_batch
 
 
-def linearised(loss: torch.Tensor, outputs: list) -> torch.Tensor:
-    """``<stopgrad(dL/dz), z>`` over the model's outputs ``z``: its Hessian in theta is ``H - GGN``."""
+def output_cotangents(loss: torch.Tensor, outputs: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The model's outputs ``z`` that the loss uses, and ``dL/dz`` (detached) for each."""
     zs = model_outputs(outputs)
     if not zs:
         raise RuntimeError("OBA's inter-layer Hessian needs the model's outputs, but loss_fn did not call the "
                            "model (or its outputs do not depend on the parameters)")
     cs = torch.autograd.grad(loss, zs, retain_graph=True, allow_unused=True)
-    terms = [(c.detach() * z).sum() for c, z in zip(cs, zs) if c is not None]
-    return torch.stack(terms).sum()
+    pairs = [(z, c.detach()) for z, c in zip(zs, cs) if c is not None]
+    if not pairs:
+        raise RuntimeError("OBA's inter-layer Hessian: the loss does not depend on the model's outputs")
+    return [z for z, _ in pairs], [c for _, c in pairs]
+
+
+def linearised(loss: torch.Tensor, outputs: list) -> torch.Tensor:
+    """``<stopgrad(dL/dz), z>`` over the model's outputs ``z``: its Hessian in theta is ``H - GGN``."""
+    zs, cs = output_cotangents(loss, outputs)
+    return torch.stack([(c * z).sum() for z, c in zip(zs, cs)]).sum()
 
 
 @register
@@ -28,8 +40,10 @@ class OBA(Criterion):
     a conv/linear layer are zero. Second derivatives of nonlinearities (GELU, softmax, LayerNorm) are
     kept exactly — pyobc differentiates the real network, in eval mode (BatchNorm is affine there).
 
-    Channel scores come from one second-order pass of per-channel gates (see
-    :mod:`pyobc.scoring.gates`): no weight gradients, cost flat in depth. Aggregation (reference
+    Channel scores come from one forward-over-reverse pass of per-channel gates (see
+    :mod:`pyobc.scoring.gates`): ``eps`` enters as a forward-mode tangent, one reverse pass on dual
+    tensors gives the mixed second derivatives; no weight gradients, no graph of the backward pass,
+    cost flat in depth. Aggregation (reference
     defaults): per batch, signed sum of S over each member's parameters; per member ``|mean over
     batches|``; per group ``group_reduction`` over members (``"mean"`` of the non-zero members,
     ``"sum"`` or ``"max"``); then ``normalize="max"`` divides by the group maximum (``"none"`` keeps
@@ -37,9 +51,11 @@ class OBA(Criterion):
 
     Options: ``hessian="inter-layer"`` (default) or ``"full"`` (``theta * H theta`` over all
     parameters, the authors' "FastOBA"); ``delta`` adds ``delta * theta * g`` (first-order term, 0);
-    ``micro_batch`` (16): the second-order pass runs over micro-batches of this many samples and adds
-    them with weights ``n_i / N`` — exact for losses that are means of per-sample terms (checked once),
-    and it keeps peak memory near that of a plain forward+backward; ``None`` processes whole batches.
+    ``micro_batch`` (32): the second-order pass runs over micro-batches of this many samples and adds
+    them with weights ``n_i / N`` — exact for losses that are means of per-sample terms (checked once).
+    The pass keeps about 2.5x the activations of a plain forward+backward (values and tangents), so
+    this bounds peak memory (about 2x a forward+backward of a 64-sample batch on the CIFAR ResNets);
+    ``None`` processes whole batches (fastest, most memory).
     Per-weight scores (``granularity="weight"``): the raw S averaged over batches (no abs).
     """
 
@@ -47,7 +63,7 @@ class OBA(Criterion):
     description = "Optimal Brain Apoptosis: theta*(H-GGN)theta from one exact Hessian-vector product per batch"
     granularities = ("channel", "weight")
     defaults = {"hessian": "inter-layer", "delta": 0.0, "group_reduction": "mean", "normalize": "max",
-                "micro_batch": 16}
+                "micro_batch": 32}
 
     def validate(self) -> None:
         self._choice("hessian", ("inter-layer", "full"))
@@ -56,6 +72,7 @@ class OBA(Criterion):
         if not isinstance(self.opts["delta"], (int, float)) or isinstance(self.opts["delta"], bool):
             raise TypeError(f"method 'oba': option delta must be a number, got {self.opts['delta']!r}")
         validate_micro_batch(self.name, self.opts["micro_batch"])
+        self._reverse_only = False  # set when an op of the model has no forward-mode derivative
 
     def _objective(self, loss: torch.Tensor, outputs: list) -> torch.Tensor:
         return linearised(loss, outputs) if self.opts["hessian"] == "inter-layer" else loss
@@ -70,18 +87,55 @@ class OBA(Criterion):
         self.add("batches", 1)
 
     def _update_channels(self, batch, weight: float = 1.0) -> None:
-        gm = GatedModel(self.ctx, eps_scope="linear" if self.opts["hessian"] == "inter-layer" else "all")
+        if not self._reverse_only:
+            try:
+                return self._update_channels_forward(batch, weight)
+            except NotImplementedError as exc:  # an op whose backward has no forward-mode formula
+                if not re.search(r"forward (mode )?AD", str(exc)):
+                    raise
+                warnings.warn(f"pyobc: method 'oba': {str(exc).splitlines()[0]} — scoring with two reverse "
+                              "passes instead (the same scores; slower, and it keeps the backward's graph)",
+                              stacklevel=2)
+                self._reverse_only = True
+        self._update_channels_reverse(batch, weight)
+
+    def _scope(self) -> str:
+        return "linear" if self.opts["hessian"] == "inter-layer" else "all"
+
+    def _update_channels_forward(self, batch, weight: float) -> None:
+        """Forward-over-reverse: ``eps`` is a forward-mode scalar (tangent 1) and one reverse pass, run on
+        dual tensors, gives every gate's ``dL/d alpha`` (primal) and ``d^2 L / d alpha d eps`` (tangent).
+        Nothing is differentiated twice in reverse mode, so no graph of the backward pass is kept."""
+        with forward_ad.dual_level():
+            gm = GatedModel(self.ctx, eps_scope=self._scope(), unit_gates=True)
+            loss, outputs = gm.run(batch)
+            with second_order_mode():
+                if self.opts["hessian"] == "inter-layer":  # reverse pass of <stopgrad(dL/dz), z>
+                    zs, cs = output_cotangents(loss, outputs)
+                    cs = [forward_ad.unpack_dual(c).primal * weight for c in cs]  # constant in eps too
+                    grads = torch.autograd.grad(zs, gm.gates, grad_outputs=cs, allow_unused=True)
+                else:
+                    grads = torch.autograd.grad(loss * weight, gm.gates, allow_unused=True)
+            parts = [forward_ad.unpack_dual(a) if a is not None else (None, None) for a in grads]
+        self._add_members(gm, [p for p, _ in parts], [t for _, t in parts])
+
+    def _update_channels_reverse(self, batch, weight: float) -> None:
+        """Reverse-over-reverse, for models with an op that forward mode cannot differentiate through:
+        ``dL/d(eps, alpha)`` with the graph kept, then the derivative of ``dL/d eps`` w.r.t. the gates."""
+        gm = GatedModel(self.ctx, eps_scope=self._scope())
         loss, outputs = gm.run(batch)
         with second_order_mode():
             objective = self._objective(loss, outputs) * weight
             first = torch.autograd.grad(objective, [gm.eps] + gm.gates, create_graph=True, allow_unused=True)
             s, a1 = first[0], first[1:]
-            if s is not None and s.requires_grad:
-                a2 = torch.autograd.grad(s, gm.gates, allow_unused=True)
-            else:
-                a2 = [None] * len(gm.gates)
-        g_members = gm.members(a1).detach()
-        h_members = gm.members(a2)
+            a2 = (torch.autograd.grad(s, gm.gates, allow_unused=True) if s is not None and s.requires_grad
+                  else [None] * len(gm.gates))
+        self._add_members(gm, a1, a2)
+
+    def _add_members(self, gm: GatedModel, first: list, second: list) -> None:
+        """Accumulate member scores from the gates' first and mixed second derivatives."""
+        g_members = gm.members(first).detach()
+        h_members = gm.members(second).detach()
         # d2/d(alpha)d(eps) = theta_s^T H v + theta_s^T g where alpha and eps scale the same weights
         s_members = h_members - gm.shared * g_members + self.opts["delta"] * g_members
         self.add("member_scores", s_members)

@@ -64,13 +64,30 @@ class _ConvInputOnly(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, _, stride, padding, dilation, groups = inputs
         ctx.save_for_backward(weight)
+        ctx.save_for_forward(weight)
         ctx.args = (x.shape, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        grad_x = _input_grad(grad, weight, *ctx.args) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        # forward-over-reverse (dual grad): the input gradient is linear in grad with W constant, so its
+        # tangent is the same transposed convolution of grad's tangent; torch's own forward-mode formula
+        # of convolution_backward would also convolve a zero weight tangent
+        g, g_t = _forward_ad.unpack_dual(grad)
+        grad_x = _input_grad(g, weight, *ctx.args)
+        if g_t is not None:
+            grad_x = _forward_ad.make_dual(grad_x, _input_grad(g_t, weight, *ctx.args))
         return grad_x, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        (weight,) = ctx.saved_tensors
+        _, stride, padding, dilation, groups = ctx.args
+        # tangents are values, never differentiated in reverse: detached, so that this convolution
+        # does not record a graph (torch's forward-mode formulas may leave a tangent requiring grad)
+        return _CONV[weight.dim() - 2](x_t.detach(), weight, None, stride, padding, dilation, groups)
 
 
 def _constant(t: torch.Tensor | None) -> bool:
@@ -88,7 +105,7 @@ def _with_tangent(primal_fn: Callable, tangent_fn: Callable, input: torch.Tensor
     output's tangent ``tangent_fn`` of the input's tangent."""
     primal, tangent = _forward_ad.unpack_dual(input)
     out = primal_fn(primal)
-    return out if tangent is None else _forward_ad.make_dual(out, tangent_fn(tangent))
+    return out if tangent is None else _forward_ad.make_dual(out, tangent_fn(tangent.detach()))
 
 
 def conv_input_only(func: Callable, input: torch.Tensor, weight: torch.Tensor, bias=None, stride=1,
@@ -115,6 +132,8 @@ def conv_input_only(func: Callable, input: torch.Tensor, weight: torch.Tensor, b
     if _forward_ad._current_level >= 0:  # JVP: one convolution of the input's tangent, none of W_t = 0
         if not _no_tangent(weight, bias):
             return func(input, weight, bias, stride, padding, dilation, groups)
+        if input.requires_grad:  # forward-over-reverse: a reverse pass on dual gradients follows
+            return _ConvInputOnly.apply(input, weight, bias, stride, padding, dilation, groups)
         return _with_tangent(lambda x: func(x, weight, bias, stride, padding, dilation, groups),
                              lambda t: func(t, weight, None, stride, padding, dilation, groups), input)
     if not input.requires_grad:
@@ -148,7 +167,9 @@ def batch_norm_eval(input: torch.Tensor, running_mean, running_var, weight=None,
         shift = shift + bias
     shape = [1, -1] + [1] * (input.dim() - 2)
     scale, shift = scale.view(shape), shift.view(shape)
-    if _forward_ad._current_level >= 0 and _no_tangent(scale, shift):  # tangent x_t * s, no zero terms
+    # tangent x_t * s, no zero terms; only for constant s and t: the primal path below sees x's primal, so
+    # a reverse pass that reads x (the gradient of s or t) would miss x's tangent under forward-over-reverse
+    if _forward_ad._current_level >= 0 and _no_tangent(scale, shift) and _constant(scale) and _constant(shift):
         return _with_tangent(lambda x: torch.addcmul(shift, x, scale), lambda t: t * scale, input)
     return torch.addcmul(shift, input, scale)
 

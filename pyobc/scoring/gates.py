@@ -27,6 +27,7 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from torch.autograd import forward_ad
 
 from .. import ops
 from ..grouping import IN_AXIS, Member
@@ -106,6 +107,29 @@ def _param_multiplier(gate: torch.Tensor, shape: torch.Size, axis: int, groups: 
     return gate.view(view)
 
 
+def _dual_channel_dot(grad: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """``channel_dot(grad, y)``; under forward-over-reverse (dual ``grad`` / ``y``) with its tangent
+    ``channel_dot(grad_t, y) + channel_dot(grad, y_t)`` (the fused op has no forward-mode formula)."""
+    g, g_t = forward_ad.unpack_dual(grad)
+    v, v_t = forward_ad.unpack_dual(y)
+    out = ops.channel_dot(g, v, dim)
+    if g_t is None and v_t is None:
+        return out
+    tangent = ops.channel_dot(g_t, v, dim) if g_t is not None else torch.zeros_like(out)
+    if v_t is not None:
+        tangent = tangent + ops.channel_dot(g, v_t, dim)
+    return forward_ad.make_dual(out, tangent)
+
+
+def _plus_eps(y: torch.Tensor, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """``y (1 + eps) - eps * bias`` at ``eps = 0`` for a forward-mode ``eps`` with tangent 1, as far as
+    the forward pass goes: ``y`` itself (no multiply by one) with the tangent ``y_t + y - bias``. The
+    reverse pass's ``(1 + eps)`` is :class:`_UnitGate`'s (``eps=True``), which must follow."""
+    primal, tangent = forward_ad.unpack_dual(y)
+    shift = primal.detach() if bias is None else primal.detach() - _view_at(bias, primal, dim, False)
+    return forward_ad.make_dual(primal, shift if tangent is None else tangent.detach() + shift)
+
+
 class _UnitGate(torch.autograd.Function):
     """``y * gate`` along channel ``dim`` for a gate whose value is 1, in passes that differentiate once.
 
@@ -113,17 +137,22 @@ class _UnitGate(torch.autograd.Function):
     the input gradient is the incoming gradient (no multiplication by ones), the gate gradient one fused
     per-channel dot product (:func:`pyobc.ops.channel_dot`), and the forward-mode tangent
     ``y_t + y * gate_t`` one ``addcmul``. Not differentiable twice (the backward ignores the gate's value).
+
+    ``eps=True`` (forward-over-reverse, OBA's fast path; ``y`` from :func:`_plus_eps`): the layer's
+    output was scaled by ``1 + eps`` for a forward-mode ``eps``, so the backward, run on dual gradients,
+    also differentiates the reverse pass along eps: the input gradient ``(1 + eps) grad`` gets the
+    tangent ``grad_t + grad``. ``gate`` may be None (eps alone).
     """
 
     @staticmethod
-    def forward(y, gate, dim):
+    def forward(y, gate, dim, eps=False):
         return y.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        y, gate, dim = inputs
-        ctx.dim = dim
-        ctx.gate_dtype = gate.dtype
+        y, gate, dim, eps = inputs
+        ctx.dim, ctx.eps = dim, eps
+        ctx.gate_dtype = None if gate is None else gate.dtype
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(y)
         ctx.save_for_forward(y)
@@ -131,16 +160,19 @@ class _UnitGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if grad is None:
-            return None, None, None
+            return None, None, None, None
         (y,) = ctx.saved_tensors
-        gate_grad = ops.channel_dot(grad, y, ctx.dim) if ctx.needs_input_grad[1] else None
-        return grad, None if gate_grad is None else gate_grad.to(ctx.gate_dtype), None
+        gate_grad = _dual_channel_dot(grad, y, ctx.dim) if ctx.needs_input_grad[1] else None
+        if ctx.eps:
+            g, g_t = forward_ad.unpack_dual(grad)
+            grad = forward_ad.make_dual(g, g if g_t is None else g_t + g)
+        return grad, None if gate_grad is None else gate_grad.to(ctx.gate_dtype), None, None
 
     @staticmethod
-    def jvp(ctx, y_t, gate_t, _):
+    def jvp(ctx, y_t, gate_t, *_):
         (y,) = ctx.saved_tensors
         if gate_t is None:
-            return None if y_t is None else y_t.clone()
+            return None if y_t is None else y_t.detach().clone()
         gate_t = _view_at(gate_t, y, ctx.dim, False)
         return y * gate_t if y_t is None else torch.addcmul(y_t, y, gate_t)
 
@@ -156,7 +188,10 @@ class GatedModel:
         per_sample: batch size for per-sample gates, else None.
         unit_gates: the activation gates are applied by :class:`_UnitGate` (value 1; no multiplications
             by ones in the reverse passes): for passes that differentiate once, such as SOSP-H's
-            forward-mode path; needs ``eps_scope=None`` and ``per_sample=None``.
+            forward-mode path; needs ``per_sample=None``. With an ``eps_scope``, ``eps`` is then a
+            forward-mode scalar (tangent 1; call :meth:`run` inside ``forward_ad.dual_level()``): one
+            reverse pass gives the gates' gradients as dual tensors whose tangents are ``d^2 L / d
+            alpha d eps`` (forward-over-reverse, OBA's fast path).
 
     After :meth:`run`, ``gates`` are the gate leaves in layout source order and ``eps`` the scalar.
 
@@ -170,8 +205,8 @@ class GatedModel:
 
     def __init__(self, ctx: Context, eps_scope: str | None = None, per_sample: int | None = None,
                  dtype: torch.dtype | None = None, unit_gates: bool = False):
-        if unit_gates and (eps_scope is not None or per_sample is not None):
-            raise ValueError("unit_gates needs eps_scope=None and per_sample=None")
+        if unit_gates and per_sample is not None:
+            raise ValueError("unit_gates needs per_sample=None")
         self.ctx = ctx
         self.unit_gates = unit_gates
         self.layout = gate_layout(ctx)
@@ -183,7 +218,9 @@ class GatedModel:
         self.gates: list[torch.Tensor] = [
             torch.ones(lead + (self.layout.source_lengths[k],), dtype=dtype, device=ctx.device, requires_grad=True)
             for k in self.layout.source_keys]
-        self.eps = torch.zeros((), dtype=dtype, device=ctx.device, requires_grad=True) if eps_scope else None
+        # eps: a reverse-mode leaf, or (unit gates) the primal of a forward-mode scalar made dual in run()
+        self.eps = (torch.zeros((), dtype=dtype, device=ctx.device, requires_grad=not unit_gates)
+                    if eps_scope else None)
         self._by_key = dict(zip(self.layout.source_keys, self.gates))
         self.shared = self._shared_mask()
 
@@ -271,8 +308,11 @@ class GatedModel:
                     # gate and eps combine into one per-channel multiplier, so the activation is
                     # copied once: y' = g * (1 + eps) * y  (minus g * eps * b when eps spares the bias)
                     _check_rows(name, mod, y, g, per_sample)
-                    if unit:  # no eps: the gate alone
-                        return _UnitGate.apply(y, g, d)
+                    if unit:  # the gate, and eps as a forward-mode tangent
+                        if how is None:
+                            return _UnitGate.apply(y, g, d)
+                        bias = mod.bias.detach() if how == "weight" and mod.bias is not None else None
+                        return _UnitGate.apply(_plus_eps(y, bias, d), g, d, True)
                     scale = None if g is None else _view_at(g, y, d, per_sample)
                     shift = None
                     if how is not None:
@@ -321,6 +361,12 @@ class GatedModel:
             if len(tangents) != len(self.gates):
                 raise ValueError(f"{len(tangents)} tangents for {len(self.gates)} gates")
             self._by_key = {k: forward_ad.make_dual(g, t) for (k, g), t in zip(by_key.items(), tangents)}
+        eps = self.eps
+        if self.unit_gates and eps is not None:
+            from torch.autograd import forward_ad
+            if forward_ad._current_level < 0:
+                raise RuntimeError("unit_gates with an eps_scope: call run() inside forward_ad.dual_level()")
+            self.eps = forward_ad.make_dual(eps, torch.ones_like(eps))
         try:
             params = self._params(param_eps)
             outputs: list = []
@@ -328,6 +374,7 @@ class GatedModel:
                 loss = self.ctx.loss(batch, params=params, outputs=outputs)
         finally:
             self._by_key = by_key
+            self.eps = eps
         return loss, outputs
 
     def members(self, gate_grads: list[torch.Tensor | None]) -> torch.Tensor:
@@ -356,17 +403,29 @@ def _composite_hardsigmoid(x, inplace=False):
     return torch.nn.functional.hardtanh(x + 3.0, 0.0, 6.0) / 6.0
 
 
+def _forward_mode_only(fused, composite):
+    """``composite`` while forward-mode AD is active (forward-over-reverse passes), else ``fused``."""
+    def run(x, inplace=False):
+        return composite(x) if forward_ad._current_level >= 0 else fused(x, inplace=inplace)
+    return run
+
+
 #: functions whose fused kernels have a wrong or missing second derivative, and their elementary forms
 _COMPOSITES = {
     torch.nn.functional.layer_norm: _composite_layer_norm,
     torch.nn.functional.hardsigmoid: _composite_hardsigmoid,
+    # their backward kernels have no forward-mode formula, which forward-over-reverse (OBA) needs;
+    # ``inplace`` is served out of place
+    torch.nn.functional.silu: _forward_mode_only(torch.nn.functional.silu, lambda x: x * torch.sigmoid(x)),
+    torch.nn.functional.mish: _forward_mode_only(
+        torch.nn.functional.mish, lambda x: x * torch.tanh(torch.nn.functional.softplus(x))),
     **LEAN_SECOND_ORDER,  # convolution and eval-mode batch norm without wasted double-backward work
 }
 
 
 class _ExactSecondOrder(torch.overrides.TorchFunctionMode):
-    """Routes ``F.layer_norm`` and ``F.hardsigmoid`` through elementary ops whose derivatives autograd
-    composes exactly.
+    """Routes ``F.layer_norm`` and ``F.hardsigmoid`` (and, under forward-mode AD, ``F.silu`` and
+    ``F.mish``) through elementary ops whose derivatives autograd composes exactly.
 
     PyTorch's fused LayerNorm backward has a wrong derivative of its weight gradient with respect to
     the input (the Hessian it implies is not symmetric; compare pytorch/pytorch#196700 and #175754 for
