@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from pyobc.ops import second_order as lean
-from pyobc.scoring.gates import _UnitGate
+from pyobc.scoring.unit_gate import unit_gate
 
 CONVS = [  # (func, in_shape, weight_shape, stride, padding, dilation, groups)
     (F.conv1d, (2, 4, 11), (6, 2, 3), 2, 1, 1, 2),
@@ -96,7 +96,7 @@ def test_unit_gate_is_a_product_with_ones(dim):
 
     yl, gl = y.clone().requires_grad_(), ones.clone().requires_grad_()
     with forward_ad.dual_level():
-        out = _UnitGate.apply(forward_ad.make_dual(yl, ty), forward_ad.make_dual(gl, tg), dim).relu_()
+        out = unit_gate(forward_ad.make_dual(yl, ty), forward_ad.make_dual(gl, tg), dim).relu_()
         got_p, got_t = forward_ad.unpack_dual(out)
     got_gy, got_gg = torch.autograd.grad((got_p * r).sum(), (yl, gl))
     for got, want in ((got_p, want_p), (got_t, want_t), (got_gy, want_gy), (got_gg, want_gg)):

@@ -336,3 +336,46 @@ def test_op_without_forward_mode_derivative_scores_with_two_reverse_passes(hess)
     b = pyobc.score(model, [(x, y)], "oba", granularity="weight", **kw).by_module()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-7, atol=1e-12)
+
+
+class InPlaceReLU(PoolBN):
+    """PoolBN with torchvision's ``ReLU(inplace=True)`` after the norm and after a conv; with
+    ``toggle``, the first of them is in place only from the second call on (control flow that changes)."""
+
+    def __init__(self, toggle: bool = False):
+        super().__init__()
+        self.toggle, self.calls = toggle, 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.bn1(self.conv1(x))
+        y = F.relu(y) if self.toggle and self.calls < 3 else F.relu_(y)
+        x = F.max_pool2d(y, 2)
+        x = F.relu_(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("toggle", [False, True])
+def test_gate_sites_modified_in_place_are_copied(toggle):
+    """Unit gates return views, except at sites that a later in-place op modifies (learned on the first
+    pass); a site that becomes in-place later is caught and relearned. Scores stay exact either way."""
+    plain, x, y = make("pool_bn")
+    model = InPlaceReLU(toggle).eval()
+    model.load_state_dict(plain.state_dict())
+    batches = [(x, y), (x.flip(0), y.flip(0)), (x[:2], y[:2])]
+    kw = dict(group_reduction="sum", normalize="none")
+    a = pyobc.score(model, batches, "oba", **kw).by_module()
+    b = pyobc.score(plain, batches, "oba", granularity="weight", **kw).by_module()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-7, atol=1e-12)
+
+
+def test_unit_gate_view_shares_storage_and_refuses_in_place_changes():
+    from pyobc.scoring.unit_gate import unit_gate
+
+    y, gate = torch.randn(2, 3, 4, requires_grad=True), torch.ones(3, requires_grad=True)
+    view, copy = unit_gate(y, gate, 1, copy=False), unit_gate(y, gate, 1)
+    assert view.data_ptr() == y.data_ptr() and copy.data_ptr() != y.data_ptr()
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        view.relu_()
+    copy.relu_()  # a copy may be modified

@@ -23,6 +23,7 @@ from ..nested import map_tensors
 from .capture import Capture, ModifiedInPlace
 from .layout import Layout
 from .per_sample import ChannelAxes
+from .unit_gate import UnitGateSites
 
 __all__ = ["Batch", "Context", "LossFn", "default_loss", "default_loss_for", "CAUSAL_LM_CLASSES"]
 
@@ -116,6 +117,8 @@ class Context:
         self.called = set(self.modules) if called is None else set(called)
         #: the layout of gated activations, built on first use by :func:`pyobc.scoring.gates.gate_layout`
         self.gate_layout: Layout | None = None
+        #: which unit-gate sites must copy (learned on the first gated pass)
+        self.unit_gate_sites = UnitGateSites()
         self._loss_module = _LossModule(model, loss_fn)
         self._protect: set[str] = set()
         self._separable_checked = False

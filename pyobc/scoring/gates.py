@@ -29,13 +29,13 @@ import torch
 import torch.nn as nn
 from torch.autograd import forward_ad
 
-from .. import ops
 from ..grouping import IN_AXIS, Member
 from ..layers import CONV, LINEAR, NORMS, WEIGHT_LAYERS, is_norm_layer, is_weight_layer
 from ..ops.second_order import OVERRIDES as LEAN_SECOND_ORDER
 from .context import Batch, Context
 from .layout import Layout
 from .per_sample import channel_dim, gateable, supports_activation_rows
+from .unit_gate import UnitGateSites, plus_eps, unit_gate
 
 __all__ = ["GatedModel", "gate_layout", "linear_modules", "second_order_mode"]
 
@@ -107,76 +107,6 @@ def _param_multiplier(gate: torch.Tensor, shape: torch.Size, axis: int, groups: 
     return gate.view(view)
 
 
-def _dual_channel_dot(grad: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
-    """``channel_dot(grad, y)``; under forward-over-reverse (dual ``grad`` / ``y``) with its tangent
-    ``channel_dot(grad_t, y) + channel_dot(grad, y_t)`` (the fused op has no forward-mode formula)."""
-    g, g_t = forward_ad.unpack_dual(grad)
-    v, v_t = forward_ad.unpack_dual(y)
-    out = ops.channel_dot(g, v, dim)
-    if g_t is None and v_t is None:
-        return out
-    tangent = ops.channel_dot(g_t, v, dim) if g_t is not None else torch.zeros_like(out)
-    if v_t is not None:
-        tangent = tangent + ops.channel_dot(g, v_t, dim)
-    return forward_ad.make_dual(out, tangent)
-
-
-def _plus_eps(y: torch.Tensor, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """``y (1 + eps) - eps * bias`` at ``eps = 0`` for a forward-mode ``eps`` with tangent 1, as far as
-    the forward pass goes: ``y`` itself (no multiply by one) with the tangent ``y_t + y - bias``. The
-    reverse pass's ``(1 + eps)`` is :class:`_UnitGate`'s (``eps=True``), which must follow."""
-    primal, tangent = forward_ad.unpack_dual(y)
-    shift = primal.detach() if bias is None else primal.detach() - _view_at(bias, primal, dim, False)
-    return forward_ad.make_dual(primal, shift if tangent is None else tangent.detach() + shift)
-
-
-class _UnitGate(torch.autograd.Function):
-    """``y * gate`` along channel ``dim`` for a gate whose value is 1, in passes that differentiate once.
-
-    The product is ``y`` itself: the forward copies ``y`` (a later in-place op may modify the result),
-    the input gradient is the incoming gradient (no multiplication by ones), the gate gradient one fused
-    per-channel dot product (:func:`pyobc.ops.channel_dot`), and the forward-mode tangent
-    ``y_t + y * gate_t`` one ``addcmul``. Not differentiable twice (the backward ignores the gate's value).
-
-    ``eps=True`` (forward-over-reverse, OBA's fast path; ``y`` from :func:`_plus_eps`): the layer's
-    output was scaled by ``1 + eps`` for a forward-mode ``eps``, so the backward, run on dual gradients,
-    also differentiates the reverse pass along eps: the input gradient ``(1 + eps) grad`` gets the
-    tangent ``grad_t + grad``. ``gate`` may be None (eps alone).
-    """
-
-    @staticmethod
-    def forward(y, gate, dim, eps=False):
-        return y.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        y, gate, dim, eps = inputs
-        ctx.dim, ctx.eps = dim, eps
-        ctx.gate_dtype = None if gate is None else gate.dtype
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(y)
-        ctx.save_for_forward(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad is None:
-            return None, None, None, None
-        (y,) = ctx.saved_tensors
-        gate_grad = _dual_channel_dot(grad, y, ctx.dim) if ctx.needs_input_grad[1] else None
-        if ctx.eps:
-            g, g_t = forward_ad.unpack_dual(grad)
-            grad = forward_ad.make_dual(g, g if g_t is None else g_t + g)
-        return grad, None if gate_grad is None else gate_grad.to(ctx.gate_dtype), None, None
-
-    @staticmethod
-    def jvp(ctx, y_t, gate_t, *_):
-        (y,) = ctx.saved_tensors
-        if gate_t is None:
-            return None if y_t is None else y_t.detach().clone()
-        gate_t = _view_at(gate_t, y, ctx.dim, False)
-        return y * gate_t if y_t is None else torch.addcmul(y_t, y, gate_t)
-
-
 class GatedModel:
     """One forward pass of ``ctx.model`` with gates on every member and an optional ``eps`` scaling.
 
@@ -186,7 +116,7 @@ class GatedModel:
             and bias; OBA's default), ``"all"`` (every parameter; OBA with the full Hessian), ``"members"``
             (the parameters of prunable structures; SOSP), or None (no ``eps``).
         per_sample: batch size for per-sample gates, else None.
-        unit_gates: the activation gates are applied by :class:`_UnitGate` (value 1; no multiplications
+        unit_gates: the activation gates are applied by :func:`~pyobc.scoring.unit_gate.unit_gate` (value 1; no multiplications
             by ones in the reverse passes): for passes that differentiate once, such as SOSP-H's
             forward-mode path; needs ``per_sample=None``. With an ``eps_scope``, ``eps`` is then a
             forward-mode scalar (tangent 1; call :meth:`run` inside ``forward_ad.dual_level()``): one
@@ -209,6 +139,7 @@ class GatedModel:
             raise ValueError("unit_gates needs per_sample=None")
         self.ctx = ctx
         self.unit_gates = unit_gates
+        self._gate_tangents = False  # set by each pass: gates with forward-mode tangents
         self.layout = gate_layout(ctx)
         self.per_sample = per_sample
         self.eps_scope = eps_scope
@@ -300,7 +231,7 @@ class GatedModel:
                 def pre(mod, args, g=g_in, d=d, name=name):
                     x = args[0]
                     _check_rows(name, mod, x, g, per_sample)
-                    x = _UnitGate.apply(x, g, d) if unit else x * _view_at(g, x, d, per_sample)
+                    x = self._unit((name, "in"), x, g, d) if unit else x * _view_at(g, x, d, per_sample)
                     return (x,) + tuple(args[1:])
                 handles.append(module.register_forward_pre_hook(pre))
             if g_out is not None or how is not None:
@@ -310,9 +241,9 @@ class GatedModel:
                     _check_rows(name, mod, y, g, per_sample)
                     if unit:  # the gate, and eps as a forward-mode tangent
                         if how is None:
-                            return _UnitGate.apply(y, g, d)
+                            return self._unit((name, "out"), y, g, d)
                         bias = mod.bias.detach() if how == "weight" and mod.bias is not None else None
-                        return _UnitGate.apply(_plus_eps(y, bias, d), g, d, True)
+                        return self._unit((name, "out"), plus_eps(y, bias, d), g, d, eps=True)
                     scale = None if g is None else _view_at(g, y, d, per_sample)
                     shift = None
                     if how is not None:
@@ -329,6 +260,13 @@ class GatedModel:
         finally:
             for h in handles:
                 h.remove()
+
+    def _unit(self, site: tuple[str, str], y: torch.Tensor, gate: torch.Tensor | None, dim: int,
+              eps: bool = False) -> torch.Tensor:
+        """:func:`unit_gate` at ``site`` (module, "in"/"out"): a view unless the site needs a copy."""
+        sites = self.ctx.unit_gate_sites
+        copy = self._gate_tangents or sites.copy(site)  # gate tangents make a new tangent, not a view
+        return sites.watch(site, unit_gate(y, gate, dim, eps, copy))
 
     def _params(self, param_eps: set[str]) -> dict[str, torch.Tensor]:
         """Parameter values with parameter-space gates and eps applied (plain tensors otherwise)."""
@@ -354,16 +292,30 @@ class GatedModel:
         derivative along ``tangents`` (read it with ``forward_ad.unpack_dual``), while reverse mode still
         differentiates with respect to the gate leaves.
         """
+        if not self.unit_gates:
+            return self._forward(batch, tangents)
+        sites = self.ctx.unit_gate_sites
+        try:
+            result = self._forward(batch, tangents)
+        except RuntimeError as exc:
+            # a gate site that returned a view was modified in place after all (control flow changed)
+            if "is a view and is being modified inplace" not in str(exc) or sites.learning:
+                raise
+            sites.forget()
+            result = self._forward(batch, tangents)
+        sites.learned()
+        return result
+
+    def _forward(self, batch: Batch, tangents: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
         module_eps, param_eps = self._module_eps(self._eps_params()) if self.eps is not None else ({}, set())
         by_key = self._by_key
+        self._gate_tangents = tangents is not None
         if tangents is not None:
-            from torch.autograd import forward_ad
             if len(tangents) != len(self.gates):
                 raise ValueError(f"{len(tangents)} tangents for {len(self.gates)} gates")
             self._by_key = {k: forward_ad.make_dual(g, t) for (k, g), t in zip(by_key.items(), tangents)}
         eps = self.eps
         if self.unit_gates and eps is not None:
-            from torch.autograd import forward_ad
             if forward_ad._current_level < 0:
                 raise RuntimeError("unit_gates with an eps_scope: call run() inside forward_ad.dual_level()")
             self.eps = forward_ad.make_dual(eps, torch.ones_like(eps))
