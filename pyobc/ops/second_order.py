@@ -57,15 +57,13 @@ class _ConvInputOnly(torch.autograd.Function):
     """A convolution differentiable in its input only (weight and bias are constants)."""
 
     @staticmethod
-    def forward(x, weight, bias, stride, padding, dilation, groups):
-        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _, stride, padding, dilation, groups = inputs
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        # ctx-first form: Function.apply binds the arguments through inspect.signature for the other
+        # form, on every call (tens of microseconds, many calls per pass)
         ctx.save_for_backward(weight)
         ctx.save_for_forward(weight)
         ctx.args = (x.shape, stride, padding, dilation, groups)
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -167,11 +165,38 @@ def batch_norm_eval(input: torch.Tensor, running_mean, running_var, weight=None,
         shift = shift + bias
     shape = [1, -1] + [1] * (input.dim() - 2)
     scale, shift = scale.view(shape), shift.view(shape)
-    # tangent x_t * s, no zero terms; only for constant s and t: the primal path below sees x's primal, so
-    # a reverse pass that reads x (the gradient of s or t) would miss x's tangent under forward-over-reverse
+    # under forward mode with constant s and t: tangent x_t * s, no zero terms (and, for forward-over-
+    # reverse, a backward that multiplies the dual gradient by s, without torch's decomposed formulas)
     if _forward_ad._current_level >= 0 and _no_tangent(scale, shift) and _constant(scale) and _constant(shift):
+        if input.requires_grad:
+            return _AffineInputOnly.apply(input, scale, shift)
         return _with_tangent(lambda x: torch.addcmul(shift, x, scale), lambda t: t * scale, input)
     return torch.addcmul(shift, input, scale)
+
+
+class _AffineInputOnly(torch.autograd.Function):
+    """``x * scale + shift`` with constant ``scale``, ``shift``, differentiable in ``x`` in both modes; the
+    backward also runs on dual gradients (forward-over-reverse): ``grad * scale`` for value and tangent."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift):  # ctx-first: no per-call signature binding in Function.apply
+        ctx.save_for_backward(scale)
+        ctx.save_for_forward(scale)
+        return torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        g, g_t = _forward_ad.unpack_dual(grad)
+        out = g * scale
+        if g_t is not None:
+            out = _forward_ad.make_dual(out, g_t * scale)
+        return out, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        (scale,) = ctx.saved_tensors
+        return x_t.detach() * scale
 
 
 def _conv_override(func: Callable) -> Callable:
