@@ -51,11 +51,11 @@ class OBA(Criterion):
 
     Options: ``hessian="inter-layer"`` (default) or ``"full"`` (``theta * H theta`` over all
     parameters, the authors' "FastOBA"); ``delta`` adds ``delta * theta * g`` (first-order term, 0);
-    ``micro_batch`` (32): the second-order pass runs over micro-batches of this many samples and adds
+    ``micro_batch`` (16): the second-order pass runs over micro-batches of this many samples and adds
     them with weights ``n_i / N`` — exact for losses that are means of per-sample terms (checked once).
     The pass keeps about 2.5x the activations of a plain forward+backward (values and tangents), so
-    this bounds peak memory (about 2x a forward+backward of a 64-sample batch on the CIFAR ResNets);
-    ``None`` processes whole batches (fastest, most memory).
+    this bounds peak memory (1.2-1.4x a forward+backward of a 64-sample batch on the CIFAR ResNets, 2.1x
+    with 32); ``None`` processes whole batches (fewest passes, most memory).
     Per-weight scores (``granularity="weight"``): the raw S averaged over batches (no abs).
     """
 
@@ -63,7 +63,7 @@ class OBA(Criterion):
     description = "Optimal Brain Apoptosis: theta*(H-GGN)theta from one exact Hessian-vector product per batch"
     granularities = ("channel", "weight")
     defaults = {"hessian": "inter-layer", "delta": 0.0, "group_reduction": "mean", "normalize": "max",
-                "micro_batch": 32}
+                "micro_batch": 16}
 
     def validate(self) -> None:
         self._choice("hessian", ("inter-layer", "full"))

@@ -23,6 +23,7 @@ Gates may be per sample (``(N, C)``) for criteria that need per-sample structure
 from __future__ import annotations
 
 import contextlib
+from contextlib import nullcontext
 from typing import Iterator, Mapping
 
 import torch
@@ -303,7 +304,6 @@ class GatedModel:
                 raise
             sites.forget()
             result = self._forward(batch, tangents)
-        sites.learned()
         return result
 
     def _forward(self, batch: Batch, tangents: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
@@ -322,8 +322,11 @@ class GatedModel:
         try:
             params = self._params(param_eps)
             outputs: list = []
-            with self._hooks(module_eps), second_order_mode():
+            sites = self.ctx.unit_gate_sites if self.unit_gates else None
+            with self._hooks(module_eps), second_order_mode(), (sites.watching() if sites else nullcontext()):
                 loss = self.ctx.loss(batch, params=params, outputs=outputs)
+            if sites:
+                sites.learned()
         finally:
             self._by_key = by_key
             self.eps = eps

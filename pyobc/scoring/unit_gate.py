@@ -15,6 +15,8 @@ Not differentiable twice (the backward ignores the gate's value).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd import forward_ad
 
@@ -106,33 +108,80 @@ def unit_gate(y: torch.Tensor, gate: torch.Tensor | None, dim: int, eps: bool = 
     return _UnitGate.apply(y, gate, dim, eps, copy)
 
 
+#: Python's in-place operators (``x += y`` reaches ``__torch_function__`` as these)
+_IN_PLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and",
+                                              "or", "xor", "lshift", "rshift", "matmul")}
+
+
+def _in_place_target(func, args, kwargs) -> object:
+    """The tensor an in-place call writes to (``relu_``, ``F.relu(..., inplace=True)``, ``x += y``, ``out=``),
+    else None."""
+    name = getattr(func, "__name__", "")
+    if kwargs.get("out") is not None:
+        return kwargs["out"]
+    if kwargs.get("inplace") or (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS:
+        return args[0] if args else None
+    return None
+
+
+class _InPlaceWatch(torch.overrides.TorchFunctionMode):
+    def __init__(self, sites: "UnitGateSites"):
+        super().__init__()
+        self.sites = sites
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = _in_place_target(func, args, kwargs)
+        if target is not None:
+            self.sites.note_in_place(target)
+        return func(*args, **kwargs)
+
+
 class UnitGateSites:
-    """Which gate sites need a copy: learned on the first pass of a scoring run (every site copied, then
-    the copies that a later in-place op modified are remembered, e.g. a norm's output fed to
-    ``ReLU(inplace=True)``); later passes return views elsewhere. Kept on the scoring context."""
+    """Which gate sites need a copy, kept on the scoring context. Learned on the first gated pass of a
+    scoring run: every site copies, and a torch-function mode notes the gate outputs that an in-place op
+    then writes to (e.g. a norm's output fed to ``ReLU(inplace=True)``); later passes return views at the
+    other sites. If a view is modified in place after all (the model's control flow changed, or an
+    in-place op wrote to a view of the output), :meth:`forget` makes every site copy from then on.
+
+    Only object ids are kept while learning, never the outputs themselves (that would hold every gated
+    activation of the pass at once); an id reused by a later tensor can only add a site, i.e. a copy.
+    """
 
     def __init__(self) -> None:
         self.modified: set[tuple[str, str]] | None = None  # None: not learned yet
-        self._watch: list[tuple[tuple[str, str], torch.Tensor, int]] = []
+        self.copy_all = False
+        self._ids: dict[int, tuple[str, str]] = {}
+        self._found: set[tuple[str, str]] = set()
 
     @property
     def learning(self) -> bool:
         return self.modified is None
 
     def copy(self, site: tuple[str, str]) -> bool:
-        return self.modified is None or site in self.modified
+        return self.modified is None or self.copy_all or site in self.modified
 
     def watch(self, site: tuple[str, str], out: torch.Tensor) -> torch.Tensor:
         if self.modified is None:
-            self._watch.append((site, out, out._version))
+            self._ids[id(out)] = site
         return out
 
+    def note_in_place(self, tensor: object) -> None:
+        site = self._ids.get(id(tensor))
+        if site is not None:
+            self._found.add(site)
+
+    def watching(self):
+        """Context for a pass: the in-place watch while learning, nothing after."""
+        return _InPlaceWatch(self) if self.modified is None else contextlib.nullcontext()
+
     def learned(self) -> None:
-        """After a pass: remember the sites whose copies were modified in place."""
+        """After a pass: remember the sites that in-place ops wrote to."""
         if self.modified is None:
-            self.modified = {site for site, t, version in self._watch if t._version != version}
-        self._watch = []
+            self.modified = set(self._found)
+        self._ids, self._found = {}, set()
 
     def forget(self) -> None:
-        """A view was modified in place after all (the model's control flow changed): learn again."""
-        self.modified, self._watch = None, []
+        """A view was modified in place after all: copy at every site from now on."""
+        self.modified, self.copy_all = set(), True
+        self._ids, self._found = {}, set()
