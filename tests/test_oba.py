@@ -153,14 +153,16 @@ def test_oba_per_weight_equals_dense_hessian(name):
 
 @pytest.mark.parametrize("name", list(NETS))
 @pytest.mark.parametrize("hess", ["inter-layer", "full"])
-def test_channel_path_agrees_with_weight_path(name, hess):
-    """Channel scores come from the gated pass (no weight gradients); per-weight scores from a plain
-    double backward (checked against dense Hessians above). Their aggregates must agree."""
+@pytest.mark.parametrize("ad", ["forward", "reverse"])
+def test_channel_path_agrees_with_weight_path(name, hess, ad):
+    """Channel scores come from the gated pass (no weight gradients; forward-over-reverse or two reverse
+    passes); per-weight scores from a plain double backward (checked against dense Hessians above).
+    Their aggregates must agree."""
     model, x, y = make(name)
     batches = [(x, y), (x.flip(0), y.flip(0))]
     for how in ("sum", "mean", "max"):
         kw = dict(hessian=hess, group_reduction=how, normalize="none")
-        a = pyobc.score(model, batches, "oba", **kw).by_module()
+        a = pyobc.score(model, batches, "oba", ad=ad, **kw).by_module()
         b = pyobc.score(model, batches, "oba", granularity="weight", **kw).by_module()
         assert a.keys() == b.keys()
         for k in a:
@@ -379,3 +381,13 @@ def test_unit_gate_view_shares_storage_and_refuses_in_place_changes():
     with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
         view.relu_()
     copy.relu_()  # a copy may be modified
+
+
+def test_auto_ad_uses_forward_mode_for_conv_bn_nets_only():
+    from pyobc.criteria.oba import _conv_bn_only
+
+    assert _conv_bn_only(PoolBN()) and _conv_bn_only(MLP())
+    assert not _conv_bn_only(Attention())
+    assert not _conv_bn_only(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)))
+    with pytest.raises(ValueError, match="ad"):
+        pyobc.score(*make("mlp")[:1], [make("mlp")[1:]], "oba", ad="sideways")
