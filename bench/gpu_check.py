@@ -13,7 +13,8 @@
   median time of one scoring batch ÷ one forward+backward on the same batch, and the peak memory of
   one scoring batch ÷ that of one forward+backward (CUDA allocator peaks above the model-loaded
   baseline); then ``pyobc.prune`` of the ResNet to 50% of its MACs (jacobian scores) and the pruned
-  model's measured inference speed-up.
+  model's measured inference speed-up; and OBA's forward-over-reverse against its reverse-over-reverse
+  channel scores on the ResNet (batch 8, both Hessians): the CUDA run of the forward-mode path.
 """
 from __future__ import annotations
 
@@ -244,6 +245,26 @@ def prune_speedup(name, model, batch, size, device, reps: int) -> dict:
     return out
 
 
+def oba_parity(name, model, size, device) -> dict:
+    """OBA's forward-over-reverse and reverse-over-reverse channel scores on one batch of 8, both Hessians:
+    the largest difference relative to the largest score (float32 rounding on CPU: at most 4e-6)."""
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 1000, (8,), generator=g).to(device)
+    out = {"model": name}
+    for hessian in ("inter-layer", "full"):
+        kw = dict(hessian=hessian, normalize="none", group_reduction="sum", progress=False)
+        a, b = (torch.cat([v.flatten() for v in pyobc.score(model, [(x, y)], "oba", ad=ad, **kw).values]).double()
+                for ad in ("forward", "reverse"))
+        out[hessian] = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    ok = max(out["inter-layer"], out["full"]) < 1e-3
+    out["ok"] = ok
+    print(f"oba forward vs reverse on {name}: max relative difference {out['inter-layer']:.1e} (inter-layer), "
+          f"{out['full']:.1e} (full) -> {'ok' if ok else 'FAILED'}", flush=True)
+    return out
+
+
 def run_scoring(device, small: bool, batches: int, reps: int) -> dict:
     models = build_models(small)
     rows = []
@@ -252,6 +273,7 @@ def run_scoring(device, small: bool, batches: int, reps: int) -> dict:
     name, model, batch, size = models[0]
     return {"device": _device_name(device), "rows": rows,
             "prune": prune_speedup(name, model, batch, size, device, reps),
+            "oba_parity": oba_parity(name, model, size, device),
             "shapes": {n: f"batch {b}, {s}x{s}" for n, _, b, s in models}}
 
 
@@ -291,6 +313,11 @@ def report(parts: list[dict], header: str) -> str:
                       f"{p['macs_before'] / 1e6:,.1f} M → {p['macs_after'] / 1e6:,.1f} M (the 2-sample example input), parameters "
                       f"{p['params_before'] / 1e6:.1f} M → {p['params_after'] / 1e6:.1f} M, inference "
                       f"{p['infer_ms_before']:.1f} → {p['infer_ms_after']:.1f} ms: **{p['speedup']:.2f}× faster**."]
+            q = part.get("oba_parity")
+            if q:
+                lines += ["", f"OBA forward-over-reverse vs reverse-over-reverse on {q['model']} (batch 8): largest "
+                          f"difference ÷ largest score {q['inter-layer']:.1e} (inter-layer), {q['full']:.1e} (full): "
+                          f"**{'ok' if q['ok'] else 'FAILED'}**."]
         lines.append("")
     return "\n".join(lines)
 
