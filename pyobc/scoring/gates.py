@@ -23,7 +23,6 @@ Gates may be per sample (``(N, C)``) for criteria that need per-sample structure
 from __future__ import annotations
 
 import contextlib
-from contextlib import nullcontext
 from typing import Iterator, Mapping
 
 import torch
@@ -117,8 +116,9 @@ class GatedModel:
             and bias; OBA's default), ``"all"`` (every parameter; OBA with the full Hessian), ``"members"``
             (the parameters of prunable structures; SOSP), or None (no ``eps``).
         per_sample: batch size for per-sample gates, else None.
-        unit_gates: the activation gates are applied by :func:`~pyobc.scoring.unit_gate.unit_gate` (value 1; no multiplications
-            by ones in the reverse passes): for passes that differentiate once, such as SOSP-H's
+        unit_gates: the activation gates are applied by :func:`~pyobc.scoring.unit_gate.unit_gate`
+            (value 1; no multiplications by ones in the reverse passes): for passes that differentiate
+            once, such as SOSP-H's
             forward-mode path; needs ``per_sample=None``. With an ``eps_scope``, ``eps`` is then a
             forward-mode scalar (tangent 1; call :meth:`run` inside ``forward_ad.dual_level()``): one
             reverse pass gives the gates' gradients as dual tensors whose tangents are ``d^2 L / d
@@ -323,7 +323,8 @@ class GatedModel:
             params = self._params(param_eps)
             outputs: list = []
             sites = self.ctx.unit_gate_sites if self.unit_gates else None
-            with self._hooks(module_eps), second_order_mode(), (sites.watching() if sites else nullcontext()):
+            watch = sites.watching() if sites else contextlib.nullcontext()  # in-place writes, while learning
+            with self._hooks(module_eps), second_order_mode(), watch:
                 loss = self.ctx.loss(batch, params=params, outputs=outputs)
             if sites:
                 sites.learned()
