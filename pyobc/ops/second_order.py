@@ -20,6 +20,11 @@ parameter requires grad. Two of PyTorch's own derivative formulas then compute w
   wasted convolution (plus a zero-filled weight and an activation-sized add) per layer; the affine batch
   norm's JVP goes through a decomposition with zero tangents of its per-channel terms. Here the tangent
   is ``conv(x_t, W)`` (``x_t * s``), the primal the plain op (:func:`_with_tangent`).
+* **Forward-over-reverse** (OBA's default on conv/BN nets): a reverse pass runs on dual gradients after
+  such a forward. Where the input requires grad, the convolution and the affine map are autograd
+  Functions (``_ConvInputOnly``, ``_AffineInputOnly``) whose backward maps value and tangent of the
+  gradient through the same transposed convolution (multiply by ``s``): torch's forward-mode formula of
+  ``convolution_backward`` would also convolve a zero weight tangent.
 
 Both are exact: the same functions, other derivative graphs. :data:`OVERRIDES` maps the torch
 functions to these replacements; :func:`pyobc.scoring.gates.second_order_mode` applies them.
