@@ -484,11 +484,12 @@ class EC(Criterion):
         if self.per_weight:
             parameter, extras["ec_shift"] = self._weight_scores(ns)
         channel = [torch.zeros(g.size, dtype=torch.float64, device=self.ctx.device) for g in self.ctx.groups]
+        theta = self.ctx.theta  # a dict over every parameter: built once, not per consumer
         for name, members in self._consumers.items():
             ratio = self._ratio(name)
             if ratio is None:
                 continue
-            w = self._weight(name, self.ctx.theta)
+            w = self._weight(name, theta)
             o = w.shape[0]
             # per (out i, local in-channel): sum over taps of W * h_wb / h_bb = the channel's shift
             if self.per_weight:
