@@ -44,7 +44,9 @@ def score(
     Args:
         model: any ``nn.Module`` (DDP / ``torch.compile`` wrappers are looked through). It is not
             changed: its train/eval flags, parameters and ``.grad`` are the same afterwards. Scoring runs
-            it in eval mode (BatchNorm uses its running statistics, dropout is off).
+            it in eval mode (BatchNorm uses its running statistics, dropout is off). While a batch is
+            scored, Python's automatic garbage collection is paused (young generations are collected
+            after each batch; see :mod:`pyobc.scoring.collector`) and restored afterwards.
         loader: iterable of batches; ``(inputs, targets)`` pairs unless ``loss_fn`` is given. Data-free
             criteria (``magnitude``) accept ``None`` with ``example_inputs``.
         method: a name from :func:`pyobc.methods` (``jacobian`` by default).

@@ -36,7 +36,11 @@ def _as_pytree(obj: Any) -> Any:
     if _unregistered_mapping(obj):
         return {k: _as_pytree(v) for k, v in obj.items()}
     if type(obj) in pytree.SUPPORTED_NODES:
-        children, spec = pytree.tree_flatten(obj, is_leaf=lambda x: x is not obj and _unregistered_mapping(x))
+        # a module-level predicate, never a closure over ``obj``: pytree's flatten helper is a recursive
+        # closure (a reference cycle), and a predicate holding ``obj`` would tie the model's outputs and
+        # their whole autograd graph to that cycle until the garbage collector ran (the root itself is a
+        # registered node, so the predicate is False for it anyway)
+        children, spec = pytree.tree_flatten(obj, is_leaf=_unregistered_mapping)
         if any(_unregistered_mapping(c) for c in children):
             return pytree.tree_unflatten([_as_pytree(c) for c in children], spec)
     return obj

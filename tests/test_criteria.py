@@ -229,6 +229,46 @@ def test_obd_on_linear_tokens_and_attention_matches_loop(float64):
                                    rtol=1e-8, atol=1e-14, msg=k)
 
 
+class Reached(nn.Module):
+    """What OBD's streamed backward must still serve exactly: a layer called twice (its calls' gradients
+    added per sample before squaring), a layer fed only by a buffer (not on the way from the inputs),
+    an in-place op on the model's input, and (``tokens=True``) integer inputs with no float tensor."""
+
+    def __init__(self, tokens: bool):
+        super().__init__()
+        self.tokens = tokens
+        self.emb = nn.Embedding(7, 6) if tokens else nn.Linear(3, 6)
+        self.shared = nn.Linear(6, 6)
+        self.register_buffer("const", torch.randn(6) * 0.5)
+        self.bias_net = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if not self.tokens:
+            x = x.mul_(1.0)  # in place on the input the model was given
+        h = self.emb(x).mean(1) + self.bias_net(self.const.expand(x.shape[0], 6))
+        h = self.shared(torch.tanh(self.shared(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_obd_streamed_backward_serves_every_layer(float64, tokens):
+    torch.manual_seed(2)
+    model = Reached(tokens)
+    x = torch.randint(0, 7, (5, 4)) if tokens else torch.randn(5, 4, 3)
+    y = torch.randint(0, 3, (5,))
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for n in range(5):
+        g = weight_grads(model, x[n:n + 1].clone(), y[n:n + 1])
+        for k in fisher:
+            fisher[k] += g[k] ** 2
+    by_param = pyobc.score(model, [(x, y)], "obd", granularity="weight").by_parameter()
+    for k in params:
+        torch.testing.assert_close(by_param[k].double(), 0.5 * params[k].detach() ** 2 * fisher[k] / 5,
+                                   rtol=1e-8, atol=1e-14, msg=k)
+
+
 def test_magnitude_by_hand(setup):
     model, x, _, _ = setup
     p = {n: t.detach() for n, t in model.named_parameters()}

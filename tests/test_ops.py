@@ -1093,6 +1093,25 @@ def test_channel_scale_falls_back_to_torch_where_the_op_has_no_formulas():
         torch.ops.pyobc.channel_scale(x.double(), s, 1)
 
 
+def test_forward_mode_tangents_are_carried_not_dropped():
+    """An input with a forward-mode tangent goes through the reference's torch ops (torch's custom-op
+    autograd layer would return no tangent at all); plain inputs inside a dual level give plain values."""
+    fa = torch.autograd.forward_ad
+    a, b = make((2, 3, 4), torch.float64, seed=1), make((2, 3, 4), torch.float64, seed=2)
+    ta, tb = make((2, 3, 4), torch.float64, seed=3), make((2, 3, 4), torch.float64, seed=4)
+    w, tw = make((5, 3, 2), torch.float64, seed=5), make((5, 3, 2), torch.float64, seed=6)
+    with fa.dual_level():
+        out = ops.channel_dot(fa.make_dual(a, ta), fa.make_dual(b, tb), 1, True)
+        value, tangent = fa.unpack_dual(out)
+        torch.testing.assert_close(value, (a * b).sum(2))
+        torch.testing.assert_close(tangent, (ta * b + a * tb).sum(2))
+        sums = ops.weight_channel_sums(fa.make_dual(w, tw), w, 1)
+        torch.testing.assert_close(fa.unpack_dual(sums[0]).tangent, (tw * w).sum((1, 2)))
+        plain = ops.channel_dot(a, b, 1)
+        assert fa.unpack_dual(plain).tangent is None
+        torch.testing.assert_close(plain, (a * b).sum((0, 2)))
+
+
 @pytest.mark.parametrize("call, exc, match", [
     (lambda: ops.channel_scale(torch.randn(2, 3), torch.randn(2), 1), ValueError, "shape"),
     (lambda: ops.channel_scale(torch.randn(2, 3), torch.randn(3), 2), ValueError, "out of range"),

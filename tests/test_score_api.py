@@ -116,6 +116,35 @@ def test_not_a_loader_and_not_a_model():
         pyobc.score("resnet", data(), "taylor")
 
 
+def test_garbage_collector_state_is_restored():
+    """Scoring pauses automatic collection per batch (pyobc.scoring.collector): enabled stays enabled,
+    also after an error mid-batch, and a collector the caller disabled stays disabled."""
+    import gc
+
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(gc.isenabled())
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    assert gc.isenabled()
+    pyobc.score(small_cnn(), data(), "taylor", loss_fn=loss_fn)
+    assert gc.isenabled() and False in seen  # off during the updates, back on after
+
+    def failing(model, batch):
+        return F.cross_entropy(model(batch[0]), batch[1]) * math.nan
+
+    with pytest.raises(FloatingPointError):
+        pyobc.score(small_cnn(), data(), "taylor", loss_fn=failing)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        pyobc.score(small_cnn(), data(), "taylor")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_loss(bad):
     def loss_fn(model, batch):

@@ -125,13 +125,14 @@ class OBA(Criterion):
         with forward_ad.dual_level():
             gm = GatedModel(self.ctx, eps_scope=self._scope(), unit_gates=True)
             loss, outputs = gm.run(batch)
-            with second_order_mode():
-                if self.opts["hessian"] == "inter-layer":  # reverse pass of <stopgrad(dL/dz), z>
-                    zs, cs = output_cotangents(loss, outputs)
-                    cs = [forward_ad.unpack_dual(c).primal * weight for c in cs]  # constant in eps too
-                    grads = torch.autograd.grad(zs, gm.gates, grad_outputs=cs, allow_unused=True)
-                else:
-                    grads = torch.autograd.grad(loss * weight, gm.gates, allow_unused=True)
+            # no second_order_mode here: its overrides act on the forward's functions, and the reverse
+            # pass runs no graph of its own (the mode's check on every torch call is pure overhead)
+            if self.opts["hessian"] == "inter-layer":  # reverse pass of <stopgrad(dL/dz), z>
+                zs, cs = output_cotangents(loss, outputs)
+                cs = [forward_ad.unpack_dual(c).primal * weight for c in cs]  # constant in eps too
+                grads = torch.autograd.grad(zs, gm.gates, grad_outputs=cs, allow_unused=True)
+            else:
+                grads = torch.autograd.grad(loss * weight, gm.gates, allow_unused=True)
             parts = [forward_ad.unpack_dual(a) if a is not None else (None, None) for a in grads]
         self._add_members(gm, [p for p, _ in parts], [t for _, t in parts])
 

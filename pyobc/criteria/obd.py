@@ -22,7 +22,7 @@ class OBD(Criterion):
     granularities = ("channel", "weight")
 
     def update(self, batch) -> None:
-        sp = PerSamplePass(self.ctx, batch, params=self.wanted_params())
+        sp = PerSamplePass(self.ctx, batch, params=self.wanted_params(), sq_sums=True)
         for n, f in sp.sq_grad_sums().items():
             self.add(f"F:{n}", f)
         self.add("samples", batch.size)

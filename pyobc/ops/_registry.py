@@ -222,14 +222,27 @@ def forward_transforms_active() -> bool:
     return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
+def has_tangent(tensors) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent (of the current dual level)."""
+    level = _forward_ad._current_level
+    return level >= 0 and any(t is not None and torch._unpack_dual(t, level).tangent is not None for t in tensors)
+
+
 def autograd_needed(tensors) -> bool:
     """Whether a call on ``tensors`` must go through the ops' autograd kernels: some input
-    requires grad with grad mode on, or forward-mode AD / functorch transforms are active (whose
-    tangents and wrappers must never be dropped)."""
-    if (_BELOW_AUTOGRAD is None or _forward_ad._current_level >= 0
-            or torch._C._are_functorch_transforms_active()):
+    requires grad with grad mode on, or a functorch transform is active (whose wrappers must
+    never be dropped).
+
+    Plain tensors inside a forward-mode region (the channel dots of OBA's forward-over-reverse
+    backward, on unpacked values and tangents) skip the Python autograd layer: without an input
+    tangent the output has none either (inputs with tangents never get here, see :func:`call`)."""
+    if _BELOW_AUTOGRAD is None or torch._C._are_functorch_transforms_active():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+#: op name -> its pure-PyTorch reference kernel, made of torch ops that forward-mode AD differentiates
+_REFERENCES = {spec.qualname: spec.reference for spec in OPS}
 
 
 def call(op, args: tuple, tensors, validate: Callable[[], object]):
@@ -240,6 +253,10 @@ def call(op, args: tuple, tensors, validate: Callable[[], object]):
     if torch.compiler.is_compiling():
         validate()
         return op(*args)
+    if has_tangent(tensors):
+        # the ops' autograd formulas are reverse-mode only, and torch's custom-op autograd layer
+        # would drop the tangent without a word: the reference's torch ops carry it
+        return _REFERENCES[op._schema.name](*args)
     try:
         if autograd_needed(tensors):
             return op(*args)

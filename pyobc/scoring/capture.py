@@ -2,8 +2,9 @@
 
 Per-sample criteria (OBD, Jacobian rows of single samples, SOSP-I, elimination-compensation) need each
 scored layer's input ``X``, output ``Y`` and the loss gradient ``G = dL/dY``. Forward hooks record ``X``
-and ``Y``; ``G`` comes from one ``torch.autograd.grad`` call with respect to the recorded outputs, which
-also skips the weight-gradient work that ordinary backward passes do.
+and ``Y``; ``G`` comes from one ``torch.autograd.grad`` call with respect to the recorded outputs (or, for
+OBD, from hooks on them during one backward pass, see :mod:`pyobc.scoring.per_sample_pass`), which also
+skips the weight-gradient work that ordinary backward passes do.
 
 A later in-place operation (``ReLU(inplace=True)``, ``x += y``) would overwrite a recorded tensor.
 :class:`Capture` notices through the tensors' version counters and the engine reruns the batch with the

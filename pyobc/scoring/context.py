@@ -119,6 +119,8 @@ class Context:
         self.gate_layout: Layout | None = None
         #: which unit-gate sites must copy (learned on the first gated pass)
         self.unit_gate_sites = UnitGateSites()
+        #: per eps scope, what :class:`pyobc.scoring.gates.GatedModel` scales and how (fixed for a run)
+        self.gate_eps: dict = {}
         self._loss_module = _LossModule(model, loss_fn)
         self._protect: set[str] = set()
         self._separable_checked = False

@@ -13,6 +13,8 @@ every batch -> data-parallel combine (:mod:`pyobc.distributed`; a no-op in one p
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import itertools
 import re
@@ -30,6 +32,7 @@ from ..nested import map_tensors
 from ..progress import show_progress
 from .batches import first_forward, iter_batches, model_device, trace_inputs
 from .capture import modules_calling
+from .collector import young_collections_only
 from .context import Batch, Context, LossFn, default_loss_for
 from .per_sample import ChannelAxes, modules_to_probe, probe_channel_axes
 from .scores import Scores, model_signature
@@ -99,8 +102,13 @@ def feed(criterion: Any, batches: Iterator[Batch], method: str) -> tuple[int, in
     """``criterion.update`` on every batch; the batch and sample counts."""
     n_batches = n_samples = 0
     for batch in batches:
+        # no full collections in the middle of a pass, from the second batch on: the first one makes
+        # torch's lazy initialisations (forward-mode decompositions, parsed schemas), whose cyclic garbage
+        # holds tensors that the collector should free as usual
+        paused = young_collections_only() if n_batches else contextlib.nullcontext()
         try:
-            criterion.update(batch)
+            with paused:
+                criterion.update(batch)
         except RuntimeError as exc:
             error = _missing_derivative(exc, method, criterion.ctx, batch)
             if error is None:

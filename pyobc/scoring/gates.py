@@ -154,7 +154,8 @@ class GatedModel:
         self.eps = (torch.zeros((), dtype=dtype, device=ctx.device, requires_grad=not unit_gates)
                     if eps_scope else None)
         self._by_key = dict(zip(self.layout.source_keys, self.gates))
-        self.shared = self._shared_mask()
+        self._module_eps_map, self._param_eps, shared = self._eps_plan()
+        self.shared = shared.to(device=ctx.device, dtype=dtype)
 
     # -- what eps scales --------------------------------------------------------------------------
     def _eps_params(self) -> set[str]:
@@ -199,17 +200,26 @@ class GatedModel:
             covered |= {own[k] for k in inside}
         return out, eps_params - covered
 
-    def _shared_mask(self) -> torch.Tensor:
-        """Per member channel: 1 where the member's parameters are (all) scaled by eps."""
-        if self.eps is None:
-            return torch.zeros(self.layout.num_members, dtype=self.dtype, device=self.ctx.device)
-        eps_params = self._eps_params()
-        mask = torch.zeros(self.layout.num_members, dtype=self.dtype)
+    def _eps_plan(self) -> tuple[dict[str, str], set[str], torch.Tensor]:
+        """``(module_eps, param_eps, shared)`` for this eps scope, computed once per scoring run (every
+        pass of a run builds a GatedModel; walking the modules each time cost about 2 ms a pass)."""
+        cache = self.ctx.gate_eps
+        if self.eps_scope not in cache:
+            eps_params = self._eps_params() if self.eps_scope else set()
+            module_eps, param_eps = self._module_eps(eps_params) if self.eps_scope else ({}, set())
+            cache[self.eps_scope] = (module_eps, param_eps, self._shared_mask(eps_params))
+        return cache[self.eps_scope]
+
+    def _shared_mask(self, eps_params: set[str]) -> torch.Tensor:
+        """Per member channel: True where the member's parameters are (all) scaled by eps."""
+        mask = torch.zeros(self.layout.num_members, dtype=torch.bool)
+        if not eps_params:
+            return mask
         for g, offs in zip(self.ctx.groups, self.layout.member_offsets):
             for m, off in zip(g.members, offs):
                 if all(s.param in eps_params for s in m.slices):
-                    mask[off:off + g.size] = 1
-        return mask.to(self.ctx.device)
+                    mask[off:off + g.size] = True
+        return mask
 
     # -- the pass -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -307,7 +317,7 @@ class GatedModel:
         return result
 
     def _forward(self, batch: Batch, tangents: list[torch.Tensor] | None) -> tuple[torch.Tensor, list]:
-        module_eps, param_eps = self._module_eps(self._eps_params()) if self.eps is not None else ({}, set())
+        module_eps, param_eps = self._module_eps_map, self._param_eps
         by_key = self._by_key
         self._gate_tangents = tangents is not None
         if tangents is not None:

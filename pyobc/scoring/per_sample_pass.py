@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..grouping import IN_AXIS
+from ..nested import map_tensors
 from .capture import Record
 from .context import Batch, Context
 from .per_sample import activation_rows, per_sample_grads, sq_grad_sums, supports_activation_rows
@@ -38,10 +39,12 @@ class PerSamplePass:
         rows = sp.member_rows()             # (N, members) Jacobian rows of single samples
     """
 
-    def __init__(self, ctx: Context, batch: Batch, params: list[str], rows: bool = False):
+    def __init__(self, ctx: Context, batch: Batch, params: list[str], rows: bool = False,
+                 sq_sums: bool = False):
         self.ctx = ctx
         self.batch = batch
         self.params = list(params)
+        self._sq: dict[str, torch.Tensor] | None = None
         self._row_members = []
         fallback: list[str] = []  # parameters of members whose rows need per-sample gradients
         watch: dict[str, nn.Module] = {}
@@ -60,13 +63,76 @@ class PerSamplePass:
             cands = _owner_candidates(p)
             name = next((c for c in cands if c in ctx.called), cands[-1])
             watch[name] = ctx.modules[name]
-        self.loss, self.capture = ctx.capture_forward(batch, watch)
         self.scale = float(batch.size)  # mean-loss gradient -> per-sample-loss gradient
+        self.grad_out: dict[tuple[str, int], torch.Tensor | None] = {}
+        if sq_sums and not rows:
+            self._sq = self._streamed_sq_grad_sums(watch)
+            return
+        self.loss, self.capture = ctx.capture_forward(batch, watch)
         outs = self.capture.outputs()
         # rows need the graph again (input gradients through single layers, per-sample fallbacks)
         grads = torch.autograd.grad(self.loss, [y for _, _, y in outs], allow_unused=True, retain_graph=rows)
-        self.grad_out: dict[tuple[str, int], torch.Tensor | None] = {
-            (name, k): g for (name, k, _), g in zip(outs, grads)}
+        self.grad_out = {(name, k): g for (name, k, _), g in zip(outs, grads)}
+
+    def _streamed_sq_grad_sums(self, watch: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """:meth:`sq_grad_sums` computed during the backward pass, each module's as soon as the gradients
+        of all its calls have arrived, so that no more than a few output gradients are alive at once (a
+        gradient of every recorded output held together made OBD's peak memory 2.3x a forward+backward on
+        ResNet-56). The backward pass runs to a scalar leaf added to the batch's floating-point tensors,
+        which every activation computed from them lies on the way to; outputs it does not reach (e.g.
+        models fed token ids) get their gradients from a second call on the retained graph."""
+        ctx = self.ctx
+        probe = torch.zeros((), device=ctx.device, requires_grad=True)
+        floats = [False]
+
+        def feed(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return t
+            floats[0] = True
+            return t + probe.to(t.dtype)  # a non-leaf: in-place ops of the model on its inputs still work
+
+        batch = Batch(map_tensors(feed, self.batch.data), self.batch.size, self.batch.index)
+        self.loss, self.capture = ctx.capture_forward(batch, watch)
+        outs = self.capture.outputs()
+        served = self._by_module(self.params)
+        waiting = {name: sum(1 for n, _, _ in outs if n == name) for name in served}
+        sums: dict[str, torch.Tensor] = {}
+        done: set[str] = set()  # modules served
+
+        def finish(name: str) -> None:
+            done.add(name)
+            pairs = served[name]
+            res = sq_grad_sums(ctx.modules[name], self._calls(name), self.scale, only={loc for _, loc in pairs})
+            for p, local in pairs:
+                sums[p] = res[local] if local in res else torch.zeros_like(ctx.params[p])
+            for k in range(len(self.capture.records[name])):
+                self.grad_out.pop((name, k), None)
+
+        def arrived(name: str, k: int, g: torch.Tensor) -> None:
+            if name in done or (name, k) in self.grad_out:  # already served (a later backward)
+                return
+            self.grad_out[(name, k)] = g
+            if sum(1 for kk in range(len(self.capture.records[name])) if (name, kk) in self.grad_out) == waiting[name]:
+                finish(name)
+
+        handles = [y.register_hook(lambda g, name=name, k=k: arrived(name, k, g))
+                   for name, k, y in outs if name in served]
+        try:
+            if floats[0]:
+                torch.autograd.grad(self.loss, probe, allow_unused=True, retain_graph=True)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [(name, k, y) for name, k, y in outs
+                   if name in served and name not in done and (name, k) not in self.grad_out]
+        if missing:
+            grads = torch.autograd.grad(self.loss, [y for _, _, y in missing], allow_unused=True)
+            for (name, k, _), g in zip(missing, grads):
+                self.grad_out[(name, k)] = g
+        for name in served:
+            if name not in done:
+                finish(name)  # outputs the loss does not depend on: their calls' gradients are None
+        return sums
 
     def _serving_module(self, param: str) -> tuple[str, str]:
         """(module name, parameter name local to it) of the nearest called module owning ``param``."""
@@ -88,6 +154,8 @@ class PerSamplePass:
 
     def sq_grad_sums(self) -> dict[str, torch.Tensor]:
         """``sum_n (grad of sample n's loss)^2`` for every parameter in ``params``."""
+        if self._sq is not None:
+            return dict(self._sq)
         out: dict[str, torch.Tensor] = {}
         for name, pairs in self._by_module(self.params).items():
             module = self.ctx.modules[name]
