@@ -35,7 +35,6 @@ def test_streamed_and_all_at_once_agree(name, monkeypatch):
     monkeypatch.setattr(obd_module, "PerSamplePass", _AllAtOnce)
     whole = pyobc.score(model, [batch], "obd", **kw).by_parameter()
     assert set(streamed) == set(whole) and len(whole) > 0
-    top = max(float(v.abs().max()) for v in whole.values())
-    assert top > 0
-    for k, v in whole.items():
-        assert float((streamed[k] - v).abs().max()) <= 1e-6 * top, k
+    assert max(float(v.abs().max()) for v in whole.values()) > 0
+    for k, v in whole.items():  # per parameter: scores span orders of magnitude across a model
+        assert float((streamed[k] - v).abs().max()) <= 1e-5 * float(v.abs().max()), k
