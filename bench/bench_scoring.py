@@ -1,8 +1,8 @@
 """Cost of scoring relative to one forward+backward pass, measured side by side.
 
-For each model and criterion: median time per batch of ``pyobc.score`` (tracing excluded: the scoring
-loop's own time over several batches, minus nothing else) divided by the median time of one plain
-forward+backward on the same batch; and peak memory of scoring relative to a forward+backward, each
+For each model and criterion: the median over batches of (time of one criterion update inside
+``pyobc.score``, tracing and setup excluded) / (time of one plain forward+backward on the same batch, run
+right before that update); and peak memory of scoring relative to a forward+backward, each
 measured in a fresh subprocess as the growth of peak resident memory over the model-loaded baseline.
 
 Run:
@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from measure import median_seconds, peak_in_child, update_times
+from measure import peak_in_child, update_times
 
 MODELS = {
     "resnet20": dict(name="resnet20", in_channels=3, input_size=32),
@@ -60,17 +60,17 @@ def fwd_bwd(model, x, y):
     torch.autograd.grad(loss, params)
 
 
-def time_per_batch(model, x, y, method, options, batches: int) -> float:
-    """Median seconds of one criterion update (one batch), measured inside pyobc.score."""
+def paired_times(model, x, y, method, options, batches: int) -> tuple[list[float], list[float]]:
+    """Seconds of each criterion update inside pyobc.score (the first batch dropped) and of the plain
+    forward+backward run right before it: neighbours in time, so the machine's drift (2x within an hour
+    on the shared CPU hosts we measure on) hits both sides of each pair alike."""
     import pyobc
 
-    with update_times(method) as times:
+    fbs: list[float] = []
+    with update_times(method, before=(lambda: fwd_bwd(model, x, y), fbs)) as times:
         pyobc.score(model, [(x, y)] * batches, method, **options)
-    return statistics.median(times[1:] if len(times) > 1 else times)
-
-
-def time_fb(model, x, y, repeats: int) -> float:
-    return median_seconds(lambda: fwd_bwd(model, x, y), repeats)
+    keep = slice(1, None) if len(times) > 1 else slice(None)
+    return times[keep], fbs[keep]
 
 
 def _peak_child(model_key: str, batch: int, what: str, options: dict) -> int:
@@ -105,12 +105,11 @@ def main(argv=None) -> int:
             if label not in args.methods or method not in available:
                 continue
             ratios, fbs, ts = [], [], []
-            for _ in range(args.repeats):  # interleave the two measurements: drift hits both
-                fb = time_fb(model, x, y, 3)
-                t = time_per_batch(model, x, y, method, options, args.batches)
-                fbs.append(fb)
-                ts.append(t)
-                ratios.append(t / fb)
+            for _ in range(args.repeats):  # every update paired with the forward+backward right before it
+                t, fb = paired_times(model, x, y, method, options, args.batches)
+                fbs += fb
+                ts += t
+                ratios += [a / b for a, b in zip(t, fb)]
             row = {"model": key, "method": label, "fwd_bwd_ms": 1e3 * statistics.median(fbs),
                    "score_ms": 1e3 * statistics.median(ts), "ratio": statistics.median(ratios)}
             if args.memory:

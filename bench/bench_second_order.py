@@ -32,7 +32,7 @@ import pyobc.scoring.gates as gates
 from pyobc.ops.second_order import OVERRIDES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_scoring import build, time_fb, time_per_batch  # noqa: E402
+from bench_scoring import build, paired_times  # noqa: E402
 
 METHODS = {"oba": ("oba", {}), "oba-full": ("oba", {"hessian": "full"}), "sosp-h": ("sosp-h", {})}
 CIFAR = ("resnet20", "resnet56", "vit_tiny")
@@ -83,8 +83,8 @@ def main(argv=None) -> int:
             for _ in range(args.repeats):
                 for n in names:
                     with variant(n):
-                        fb = time_fb(model, x, y, 2)
-                        ratios[n].append(time_per_batch(model, x, y, method, options, 3) / fb)
+                        t, fb = paired_times(model, x, y, method, options, 3)
+                        ratios[n] += [a / b for a, b in zip(t, fb)]
             cells = "  ".join(f"{n} {statistics.median(r):5.2f}x" for n, r in ratios.items())
             print(f"{key:<16} {label:<9} {cells}", flush=True)
     return 0

@@ -30,15 +30,26 @@ HERE = Path(__file__).resolve().parent
 
 
 @contextlib.contextmanager
-def update_times(method: str, sync: Callable[[], None] | None = None) -> Iterator[list[float]]:
+def update_times(method: str, sync: Callable[[], None] | None = None,
+                 before: tuple[Callable[[], object], list[float]] | None = None) -> Iterator[list[float]]:
     """A list that receives the seconds of each ``update`` of criterion ``method`` while the block runs
-    (``sync`` is called before and after each one, e.g. ``torch.cuda.synchronize``)."""
+    (``sync`` is called before and after each one, e.g. ``torch.cuda.synchronize``). ``before``:
+    ``(fn, seconds)`` runs ``fn`` right before each update and appends its seconds to ``seconds``, so a
+    reference (one forward+backward) and the update are timed as neighbours, pair by pair."""
     from pyobc.criteria import get_method
 
     cls, times = get_method(method), []
     original = cls.update
 
     def timed(self, batch):
+        if before is not None:
+            if sync is not None:
+                sync()
+            t0 = time.perf_counter()
+            before[0]()
+            if sync is not None:
+                sync()
+            before[1].append(time.perf_counter() - t0)
         if sync is not None:
             sync()
         t0 = time.perf_counter()
