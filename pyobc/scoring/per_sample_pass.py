@@ -79,8 +79,8 @@ class PerSamplePass:
         of all its calls have arrived, so that no more than a few output gradients are alive at once (a
         gradient of every recorded output held together made OBD's peak memory 2.3x a forward+backward on
         ResNet-56). The backward pass runs to a scalar leaf added to the batch's floating-point tensors,
-        which every activation computed from them lies on the way to; outputs it does not reach (e.g.
-        models fed token ids) get their gradients from a second call on the retained graph."""
+        which every activation computed from them lies on the way to; outputs it does not reach (models
+        fed token ids; layers fed only by buffers) get theirs from :meth:`_missed_gradients`."""
         ctx = self.ctx
         probe = torch.zeros((), device=ctx.device, requires_grad=True)
         floats = [False]
@@ -118,21 +118,36 @@ class PerSamplePass:
         handles = [y.register_hook(lambda g, name=name, k=k: arrived(name, k, g))
                    for name, k, y in outs if name in served]
         try:
-            if floats[0]:
-                torch.autograd.grad(self.loss, probe, allow_unused=True, retain_graph=True)
+            if floats[0]:  # the graph is freed as the backward goes, like a plain backward's
+                torch.autograd.grad(self.loss, probe, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        missing = [(name, k, y) for name, k, y in outs
-                   if name in served and name not in done and (name, k) not in self.grad_out]
+        missing = {name for name, k, _ in outs if name in served and name not in done}
         if missing:
-            grads = torch.autograd.grad(self.loss, [y for _, _, y in missing], allow_unused=True)
-            for (name, k, _), g in zip(missing, grads):
-                self.grad_out[(name, k)] = g
+            self._missed_gradients(missing, watch, rerun=floats[0])
         for name in served:
             if name not in done:
                 finish(name)  # outputs the loss does not depend on: their calls' gradients are None
         return sums
+
+    def _missed_gradients(self, names: set[str], watch: dict[str, nn.Module], rerun: bool) -> None:
+        """Output gradients of the modules ``names`` that the streamed backward did not reach, from one
+        ``autograd.grad`` call; after a backward that freed the graph, on a second forward pass that records
+        only these modules (their records are replaced by that pass's)."""
+        loss = self.loss
+        if rerun:
+            loss, capture = self.ctx.capture_forward(self.batch, {n: watch[n] for n in names})
+            for n in names:
+                self.capture.records[n] = capture.records[n]
+            outs = capture.outputs()
+        else:
+            outs = [(n, k, y) for n, k, y in self.capture.outputs() if n in names]
+        outs = [(n, k, y) for n, k, y in outs if n in names and (n, k) not in self.grad_out]
+        if outs:
+            grads = torch.autograd.grad(loss, [y for _, _, y in outs], allow_unused=True)
+            for (n, k, _), g in zip(outs, grads):
+                self.grad_out[(n, k)] = g
 
     def _serving_module(self, param: str) -> tuple[str, str]:
         """(module name, parameter name local to it) of the nearest called module owning ``param``."""
