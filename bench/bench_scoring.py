@@ -12,7 +12,9 @@ Run:
 
 Targets (issue #15, at 1 and at 2 threads): jacobian and taylor <= 1.1x, obd <= 1.5x, oba / oba-full /
 sosp-h <= 2.5x, flat in depth (the ResNet-56 ratio within 20% of ResNet-20's); peak memory <= 2x.
-``OMP_NUM_THREADS=1 python bench/bench_scoring.py`` for the 1-thread figures.
+``OMP_NUM_THREADS=1 python bench/bench_scoring.py`` for the 1-thread figures. On glibc the ratios depend on
+the heap's trimming (``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` stops it): report
+which allocator a figure was measured with (README, "CPU allocator").
 """
 from __future__ import annotations
 
