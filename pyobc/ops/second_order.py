@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad as _forward_ad
 
+from ._registry import has_tangent
+
 __all__ = ["conv_input_only", "batch_norm_eval", "OVERRIDES"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -75,13 +77,9 @@ class _ConvInputOnly(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
-        # forward-over-reverse (dual grad): the input gradient is linear in grad with W constant, so its
-        # tangent is the same transposed convolution of grad's tangent; torch's own forward-mode formula
-        # of convolution_backward would also convolve a zero weight tangent
-        g, g_t = _forward_ad.unpack_dual(grad)
-        grad_x = _input_grad(g, weight, *ctx.args)
-        if g_t is not None:
-            grad_x = _forward_ad.make_dual(grad_x, _input_grad(g_t, weight, *ctx.args))
+        # forward-over-reverse (dual grad): torch's own forward-mode formula of convolution_backward
+        # would also convolve a zero weight tangent
+        grad_x = _linear_on_dual(lambda t: _input_grad(t, weight, *ctx.args), grad)
         return grad_x, None, None, None, None, None, None
 
     @staticmethod
@@ -97,8 +95,12 @@ def _constant(t: torch.Tensor | None) -> bool:
     return t is None or not t.requires_grad
 
 
-def _no_tangent(*tensors: torch.Tensor | None) -> bool:
-    return all(t is None or _forward_ad.unpack_dual(t).tangent is None for t in tensors)
+def _linear_on_dual(fn: Callable, grad: torch.Tensor) -> torch.Tensor:
+    """``fn(grad)`` for a map ``fn`` linear in its argument (with constant coefficients), on a gradient
+    that may be dual (forward-over-reverse): the tangent of the result is ``fn`` of grad's tangent."""
+    g, g_t = _forward_ad.unpack_dual(grad)
+    out = fn(g)
+    return out if g_t is None else _forward_ad.make_dual(out, fn(g_t))
 
 
 def _with_tangent(primal_fn: Callable, tangent_fn: Callable, input: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,7 @@ def conv_input_only(func: Callable, input: torch.Tensor, weight: torch.Tensor, b
             or torch._C._are_functorch_transforms_active() or weight.dim() - 2 not in _CONV):
         return func(input, weight, bias, stride, padding, dilation, groups)
     if _forward_ad._current_level >= 0:  # JVP: one convolution of the input's tangent, none of W_t = 0
-        if not _no_tangent(weight, bias):
+        if has_tangent((weight, bias)):
             return func(input, weight, bias, stride, padding, dilation, groups)
         if input.requires_grad:  # forward-over-reverse: a reverse pass on dual gradients follows
             return _ConvInputOnly.apply(input, weight, bias, stride, padding, dilation, groups)
@@ -172,7 +174,7 @@ def batch_norm_eval(input: torch.Tensor, running_mean, running_var, weight=None,
     scale, shift = scale.view(shape), shift.view(shape)
     # under forward mode with constant s and t: tangent x_t * s, no zero terms (and, for forward-over-
     # reverse, a backward that multiplies the dual gradient by s, without torch's decomposed formulas)
-    if _forward_ad._current_level >= 0 and _no_tangent(scale, shift) and _constant(scale) and _constant(shift):
+    if _forward_ad._current_level >= 0 and not has_tangent((scale, shift)) and _constant(scale) and _constant(shift):
         if input.requires_grad:
             return _AffineInputOnly.apply(input, scale, shift)
         return _with_tangent(lambda x: torch.addcmul(shift, x, scale), lambda t: t * scale, input)
@@ -192,11 +194,7 @@ class _AffineInputOnly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (scale,) = ctx.saved_tensors
-        g, g_t = _forward_ad.unpack_dual(grad)
-        out = g * scale
-        if g_t is not None:
-            out = _forward_ad.make_dual(out, g_t * scale)
-        return out, None, None
+        return _linear_on_dual(lambda t: t * scale, grad), None, None
 
     @staticmethod
     def jvp(ctx, x_t, *_):

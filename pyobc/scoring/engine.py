@@ -14,7 +14,6 @@ every batch -> data-parallel combine (:mod:`pyobc.distributed`; a no-op in one p
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import itertools
 import re

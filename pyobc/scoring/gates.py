@@ -35,7 +35,7 @@ from ..ops.second_order import OVERRIDES as LEAN_SECOND_ORDER
 from .context import Batch, Context
 from .layout import Layout
 from .per_sample import channel_dim, gateable, supports_activation_rows
-from .unit_gate import UnitGateSites, plus_eps, unit_gate
+from .unit_gate import UnitGateSites, channel_view, plus_eps, unit_gate
 
 __all__ = ["GatedModel", "gate_layout", "linear_modules", "second_order_mode"]
 
@@ -72,15 +72,6 @@ def gate_layout(ctx: Context) -> Layout:
     if ctx.gate_layout is None:
         ctx.gate_layout = Layout(ctx.groups, ctx.params, activation=_activation_source(ctx))
     return ctx.gate_layout
-
-
-def _view_at(vec: torch.Tensor, like: torch.Tensor, dim: int, per_sample: bool) -> torch.Tensor:
-    """Reshape gates ``(C,)`` or ``(N, C)`` to broadcast against ``like`` along channel ``dim``."""
-    shape = [1] * like.dim()
-    shape[dim % like.dim()] = vec.shape[-1]
-    if per_sample:
-        shape[0] = vec.shape[0]
-    return vec.view(shape)
 
 
 def _check_rows(name: str, module: nn.Module, t: torch.Tensor, gate: torch.Tensor | None, per_sample: bool) -> None:
@@ -205,8 +196,8 @@ class GatedModel:
         pass of a run builds a GatedModel; walking the modules each time cost about 2 ms a pass)."""
         cache = self.ctx.gate_eps
         if self.eps_scope not in cache:
-            eps_params = self._eps_params() if self.eps_scope else set()
-            module_eps, param_eps = self._module_eps(eps_params) if self.eps_scope else ({}, set())
+            eps_params = self._eps_params()  # empty without a scope, and so is the rest
+            module_eps, param_eps = self._module_eps(eps_params)
             cache[self.eps_scope] = (module_eps, param_eps, self._shared_mask(eps_params))
         return cache[self.eps_scope]
 
@@ -242,7 +233,7 @@ class GatedModel:
                 def pre(mod, args, g=g_in, d=d, name=name):
                     x = args[0]
                     _check_rows(name, mod, x, g, per_sample)
-                    x = self._unit((name, "in"), x, g, d) if unit else x * _view_at(g, x, d, per_sample)
+                    x = self._unit((name, "in"), x, g, d) if unit else x * channel_view(g, x, d, per_sample)
                     return (x,) + tuple(args[1:])
                 handles.append(module.register_forward_pre_hook(pre))
             if g_out is not None or how is not None:
@@ -255,14 +246,14 @@ class GatedModel:
                             return self._unit((name, "out"), y, g, d)
                         bias = mod.bias.detach() if how == "weight" and mod.bias is not None else None
                         return self._unit((name, "out"), plus_eps(y, bias, d), g, d, eps=True)
-                    scale = None if g is None else _view_at(g, y, d, per_sample)
+                    scale = None if g is None else channel_view(g, y, d, per_sample)
                     shift = None
                     if how is not None:
                         scale = (1 + eps) if scale is None else scale * (1 + eps)
                         if how == "weight" and mod.bias is not None:
-                            shift = _view_at(mod.bias, y, d, False) * eps
+                            shift = channel_view(mod.bias, y, d, False) * eps
                             if g is not None:
-                                shift = shift * _view_at(g, y, d, per_sample)
+                                shift = shift * channel_view(g, y, d, per_sample)
                     y = y * scale
                     return y if shift is None else y - shift
                 handles.append(module.register_forward_hook(post))

@@ -222,7 +222,7 @@ def _closed_form_ok(module: nn.Module) -> bool:
 def _normalized(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x-hat of a norm layer (its output before the affine transform), as computed in eval mode."""
     if isinstance(module, BATCH_NORMS):
-        use_running = module.running_mean is not None and not module.training
+        use_running = _running_stats(module)
         return F.batch_norm(x, module.running_mean if use_running else None,
                             module.running_var if use_running else None, None, None,
                             not use_running, 0.0, module.eps)
@@ -257,25 +257,30 @@ def _closed_form_grads(module: nn.Module, rec: Record, g: torch.Tensor, sl: slic
         if module.bias is not None:
             out["bias"] = g.reshape(g.shape[0], g.shape[1], -1).sum(-1)
     else:  # norms
+        affine_x_hat = _running_stats(module) and x.shape == g.shape and x.dtype == g.dtype
+        # per-sample sums of g: the bias gradients, and a term of batch norm's weight gradients
+        g_sums = _norm_sample_sums(module, g) if module.bias is not None or affine_x_hat else None
         if module.weight is not None:
-            out["weight"] = _norm_weight_grads(module, x, g)
+            out["weight"] = (_bn_weight_grads(module, x, g, g_sums) if affine_x_hat
+                             else _norm_sample_sums(module, g * _normalized(module, x)))
         if module.bias is not None:
-            out["bias"] = _norm_sample_sums(module, g)
+            out["bias"] = g_sums
     return out
 
 
-def _norm_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``sum g * x_hat`` of a norm layer's affine weight. Batch norm with running statistics
-    normalises by a per-channel affine map, ``x_hat = x * s + t``, so the sum is ``s <g, x> + t <g, 1>``
-    over each sample's positions: one fused channel dot, without recomputing ``x_hat`` and multiplying
-    it by ``g`` (two activation-sized temporaries per layer and batch in OBD)."""
-    if (isinstance(module, BATCH_NORMS) and module.running_mean is not None and not module.training
-            and x.shape == g.shape and x.dtype == g.dtype):
-        s = torch.rsqrt(module.running_var.to(x.dtype) + module.eps)
-        t = -module.running_mean.to(x.dtype) * s
-        dots = ops.channel_dot(g.detach(), x, 1, per_sample=True)
-        return dots.to(x.dtype) * s + g.reshape(g.shape[0], g.shape[1], -1).sum(-1) * t
-    return _norm_sample_sums(module, g * _normalized(module, x))
+def _running_stats(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch norm that normalises with its running statistics (eval mode)."""
+    return isinstance(module, BATCH_NORMS) and module.running_mean is not None and not module.training
+
+
+def _bn_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor, g_sums: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``sum g * x_hat`` of a batch norm's weight, with running statistics: ``x_hat = x * s + t``
+    per channel, so the sum is ``s <g, x> + t sum(g)`` over each sample's positions: one fused channel dot
+    (``g_sums`` = ``sum(g)``), without recomputing ``x_hat`` and multiplying it by ``g`` (two
+    activation-sized temporaries per layer and batch in OBD)."""
+    s = torch.rsqrt(module.running_var.to(x.dtype) + module.eps)
+    t = -module.running_mean.to(x.dtype) * s
+    return ops.channel_dot(g.detach(), x, 1, per_sample=True).to(x.dtype) * s + g_sums * t
 
 
 def _vmap_grads(module: nn.Module, rec: Record, grads: list, sl: slice,

@@ -95,16 +95,13 @@ class PerSamplePass:
         self.loss, self.capture = ctx.capture_forward(batch, watch)
         outs = self.capture.outputs()
         served = self._by_module(self.params)
-        waiting = {name: sum(1 for n, _, _ in outs if n == name) for name in served}
+        waiting = {name: sum(1 for n, _, _ in outs if n == name) for name in served}  # calls still to come
         sums: dict[str, torch.Tensor] = {}
         done: set[str] = set()  # modules served
 
         def finish(name: str) -> None:
             done.add(name)
-            pairs = served[name]
-            res = sq_grad_sums(ctx.modules[name], self._calls(name), self.scale, only={loc for _, loc in pairs})
-            for p, local in pairs:
-                sums[p] = res[local] if local in res else torch.zeros_like(ctx.params[p])
+            sums.update(self._module_sq_sums(name, served[name]))
             for k in range(len(self.capture.records[name])):
                 self.grad_out.pop((name, k), None)
 
@@ -112,7 +109,8 @@ class PerSamplePass:
             if name in done or (name, k) in self.grad_out:  # already served (a later backward)
                 return
             self.grad_out[(name, k)] = g
-            if sum(1 for kk in range(len(self.capture.records[name])) if (name, kk) in self.grad_out) == waiting[name]:
+            waiting[name] -= 1
+            if waiting[name] == 0:
                 finish(name)
 
         handles = [y.register_hook(lambda g, name=name, k=k: arrived(name, k, g))
@@ -135,15 +133,12 @@ class PerSamplePass:
         """Output gradients of the modules ``names`` that the streamed backward did not reach, from one
         ``autograd.grad`` call; after a backward that freed the graph, on a second forward pass that records
         only these modules (their records are replaced by that pass's)."""
-        loss = self.loss
+        loss, capture = self.loss, self.capture
         if rerun:
             loss, capture = self.ctx.capture_forward(self.batch, {n: watch[n] for n in names})
             for n in names:
                 self.capture.records[n] = capture.records[n]
-            outs = capture.outputs()
-        else:
-            outs = [(n, k, y) for n, k, y in self.capture.outputs() if n in names]
-        outs = [(n, k, y) for n, k, y in outs if n in names and (n, k) not in self.grad_out]
+        outs = [(n, k, y) for n, k, y in capture.outputs() if n in names and (n, k) not in self.grad_out]
         if outs:
             grads = torch.autograd.grad(loss, [y for _, _, y in outs], allow_unused=True)
             for (n, k, _), g in zip(outs, grads):
@@ -173,11 +168,14 @@ class PerSamplePass:
             return dict(self._sq)
         out: dict[str, torch.Tensor] = {}
         for name, pairs in self._by_module(self.params).items():
-            module = self.ctx.modules[name]
-            res = sq_grad_sums(module, self._calls(name), self.scale, only={loc for _, loc in pairs})
-            for p, local in pairs:
-                out[p] = res[local] if local in res else torch.zeros_like(self.ctx.params[p])
+            out.update(self._module_sq_sums(name, pairs))
         return out
+
+    def _module_sq_sums(self, name: str, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        """:func:`~pyobc.scoring.per_sample.sq_grad_sums` of module ``name`` for its ``(param, local)``
+        pairs, from the gradients of its calls in :attr:`grad_out` (zeros for parameters it has none of)."""
+        res = sq_grad_sums(self.ctx.modules[name], self._calls(name), self.scale, only={loc for _, loc in pairs})
+        return {p: res[local] if local in res else torch.zeros_like(self.ctx.params[p]) for p, local in pairs}
 
     def grads(self, sl: slice | None = None, params: list[str] | None = None,
               scale: float | None = None) -> dict[str, torch.Tensor]:

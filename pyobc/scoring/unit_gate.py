@@ -25,9 +25,12 @@ from .. import ops
 __all__ = ["unit_gate", "plus_eps", "dual_channel_dot", "UnitGateSites"]
 
 
-def _channel_view(vec: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+def channel_view(vec: torch.Tensor, like: torch.Tensor, dim: int, per_sample: bool = False) -> torch.Tensor:
+    """Reshape gates ``(C,)`` or (``per_sample``) ``(N, C)`` to broadcast against ``like`` along ``dim``."""
     shape = [1] * like.dim()
     shape[dim % like.dim()] = vec.shape[-1]
+    if per_sample:
+        shape[0] = vec.shape[0]
     return vec.view(shape)
 
 
@@ -50,7 +53,7 @@ def plus_eps(y: torch.Tensor, bias: torch.Tensor | None, dim: int) -> torch.Tens
     the forward pass goes: ``y`` itself with the tangent ``y_t + y - bias``. The reverse pass's
     ``(1 + eps)`` is :func:`unit_gate`'s (``eps=True``), which must follow."""
     primal, tangent = forward_ad.unpack_dual(y)
-    shift = primal.detach() if bias is None else primal.detach() - _channel_view(bias, primal, dim)
+    shift = primal.detach() if bias is None else primal.detach() - channel_view(bias, primal, dim)
     return forward_ad.make_dual(primal, shift if tangent is None else tangent.detach() + shift)
 
 
@@ -87,7 +90,7 @@ class _UnitGate(torch.autograd.Function):
             if y_t is None:
                 return None
             return y_t.detach().clone() if ctx.copy else y_t.view_as(y_t)
-        gate_t = _channel_view(gate_t, y, ctx.dim)
+        gate_t = channel_view(gate_t, y, ctx.dim)
         return y * gate_t if y_t is None else torch.addcmul(y_t, y, gate_t)
 
 
