@@ -269,6 +269,40 @@ def test_obd_streamed_backward_serves_every_layer(float64, tokens):
                                    rtol=1e-8, atol=1e-14, msg=k)
 
 
+def test_obd_streamed_backward_releases_records_as_it_goes():
+    """A layer's recorded activations are dropped once its sums are formed, not at the end of the batch:
+    the output of the last batch norm (kept by no autograd node: the ReLU after it saves its own output)
+    is freed before the first conv's sums are computed. Held to the end, such records kept the backward
+    from reusing their memory (1.6x slower OBD under glibc, issue #15)."""
+    import weakref
+
+    from pyobc.scoring import per_sample_pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 2, (3,))
+    model(x)
+    last_bn = model[4]
+    seen: list = []
+    alive_at_first_conv: list = []
+    handle = last_bn.register_forward_hook(lambda m, i, o: seen.append(weakref.ref(o)))
+    original = per_sample_pass.sq_grad_sums
+
+    def spy(module, calls, scale, only=None):
+        if module is model[0]:
+            alive_at_first_conv.append(seen[-1]() is not None)
+        return original(module, calls, scale, only)
+
+    try:
+        per_sample_pass.sq_grad_sums = spy
+        pyobc.score(model, [(x, y)], "obd")
+    finally:
+        per_sample_pass.sq_grad_sums = original
+        handle.remove()
+    assert alive_at_first_conv and not any(alive_at_first_conv)
+
+
 def test_magnitude_by_hand(setup):
     model, x, _, _ = setup
     p = {n: t.detach() for n, t in model.named_parameters()}

@@ -49,10 +49,10 @@ def _fisher_by_loop(model, x, y):
     return {n: f / x.shape[0] for n, f in fisher.items()}
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 3 * 3 * 8 * 8 * 8])
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 8 * (4 * 4 * 9 + 4 + 2 * 4 * 4 * 4)])
 def test_chunked_sq_grad_sums_match_per_sample_loop(monkeypatch, chunk_bytes):
-    """Chunks of 1 sample, and of 3 (7 = 3 + 3 + 1) for the convs: chunk_bytes / the larger of a sample's
-    input (conv1: 3x8x8 float64) and weight gradient (shared: 4x4x3x3 + 4)."""
+    """Chunks of 1 sample, and of 3 (7 = 3 + 3 + 1) for the shared conv, 2 for conv1: chunk_bytes / what a
+    sample touches (float64 weight gradient, 4x4x3x3 + 4, plus input and output, 4x4x4 each)."""
     torch.manual_seed(0)
     model = Net()
     x = torch.randn(7, 3, 8, 8)

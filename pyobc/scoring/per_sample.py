@@ -30,11 +30,12 @@ __all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows",
 #: bytes of per-sample gradients materialised at once; larger batches are processed in chunks
 MEMORY_BUDGET = 256 * 2**20
 
-#: bytes per chunk of samples (per-sample weight gradients, or the layer's input/output if larger) in which
-#: :func:`sq_grad_sums` forms the per-sample gradients of conv and linear layers: a chunk that stays in cache
-#: and whose memory the allocator reuses. Whole-batch calls allocated fresh pages every time, and the page
-#: faults made OBD's per-sample conv weight gradients 2-5x slower on CPU (bench/RESULTS.md, issue #15).
-CHUNK_BYTES = 2 * 2**20
+#: bytes per chunk of samples in which :func:`sq_grad_sums` forms the per-sample gradients of conv and linear
+#: layers, counting what one sample's share touches: its weight gradient, the layer's input and its output
+#: gradient. A chunk must stay in one core's L2 cache (1 MiB on the EPYC hosts we measure on): the grouped
+#: weight-gradient convolution is 1.7x (2 threads) to 2.3x (1 thread) slower over ResNet-20's convs when
+#: the chunk spills (bench/RESULTS.md, issue #15). Whole-batch calls also allocated fresh pages every time.
+CHUNK_BYTES = 2**20
 
 #: output channel axes measured by :func:`probe_channel_axes` for the scoring run in progress
 #: (module -> axis, or None for a layer whose output is not per-channel affine in its own parameters)
@@ -189,15 +190,15 @@ def _chunks(n: int, per_sample_bytes: int) -> list[slice]:
 
 def _sq_chunks(module: nn.Module, calls: list[tuple[Record, list]], only: Collection[str] | None) -> list[slice]:
     """Sample chunks for :func:`sq_grad_sums`: :data:`CHUNK_BYTES` per chunk for conv/linear closed forms
-    (counting a sample's share of the layer's input and output too), :data:`MEMORY_BUDGET` otherwise (norms
-    whose statistics span the batch, vmapped modules)."""
+    (a sample's weight gradient plus its share of the layer's input and output gradient, the largest over
+    the calls), :data:`MEMORY_BUDGET` otherwise (norms whose statistics span the batch, vmapped modules)."""
     n = calls[0][0].x.shape[_batch_dim(module)]
     grad_bytes = _param_bytes(module, only)
     if not (isinstance(module, CONV + (nn.Linear,)) and _closed_form_ok(module)):
         return _chunks(n, grad_bytes)
-    act = max((t[0].numel() * t.element_size() for rec, _ in calls for t in (rec.x, rec.y)
-               if isinstance(t, torch.Tensor) and t.dim() > 0), default=0)
-    step = max(1, min(MEMORY_BUDGET // max(1, grad_bytes), CHUNK_BYTES // max(1, grad_bytes, act)))
+    act = max((sum(t[0].numel() * t.element_size() for t in (rec.x, rec.y)
+                   if isinstance(t, torch.Tensor) and t.dim() > 0) for rec, _ in calls), default=0)
+    step = max(1, min(MEMORY_BUDGET // max(1, grad_bytes), CHUNK_BYTES // max(1, grad_bytes + act)))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 

@@ -96,6 +96,7 @@ class PerSamplePass:
         outs = self.capture.outputs()
         served = self._by_module(self.params)
         waiting = {name: sum(1 for n, _, _ in outs if n == name) for name in served}  # calls still to come
+        keys = [(name, k) for name, k, _ in outs]
         sums: dict[str, torch.Tensor] = {}
         done: set[str] = set()  # modules served
 
@@ -104,6 +105,10 @@ class PerSamplePass:
             sums.update(self._module_sq_sums(name, served[name]))
             for k in range(len(self.capture.records[name])):
                 self.grad_out.pop((name, k), None)
+            # drop the module's records as the backward drops its saved tensors: activations held to the
+            # end of the batch kept the backward from reusing their memory, and under glibc's heap trimming
+            # that made the backward 1.6x slower (bench/RESULTS.md, issue #15)
+            self.capture.records[name] = []
 
         def arrived(name: str, k: int, g: torch.Tensor) -> None:
             if name in done or (name, k) in self.grad_out:  # already served (a later backward)
@@ -115,13 +120,14 @@ class PerSamplePass:
 
         handles = [y.register_hook(lambda g, name=name, k=k: arrived(name, k, g))
                    for name, k, y in outs if name in served]
+        del outs  # the recorded outputs must not outlive their records
         try:
             if floats[0]:  # the graph is freed as the backward goes, like a plain backward's
                 torch.autograd.grad(self.loss, probe, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
-        missing = {name for name, k, _ in outs if name in served and name not in done}
+        missing = {name for name, _ in keys if name in served and name not in done}
         if missing:
             self._missed_gradients(missing, watch, rerun=floats[0])
         for name in served:
