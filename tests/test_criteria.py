@@ -303,6 +303,27 @@ def test_obd_streamed_backward_releases_records_as_it_goes():
     assert alive_at_first_conv and not any(alive_at_first_conv)
 
 
+def test_streamed_pass_refuses_what_its_released_records_would_serve(monkeypatch):
+    """After the streamed OBD pass, asking the same pass for per-sample gradients is an error that names
+    the reason, not a wrong "module was not called" message or an empty result."""
+    import pyobc.criteria.obd as obd_module
+    from pyobc.scoring.per_sample_pass import PerSamplePass
+
+    passes = []
+
+    class Kept(PerSamplePass):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            passes.append(self)
+
+    monkeypatch.setattr(obd_module, "PerSamplePass", Kept)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    pyobc.score(model, [(torch.randn(5, 3), torch.randint(0, 2, (5,)))], "obd")
+    assert passes and passes[0].sq_grad_sums()
+    with pytest.raises(RuntimeError, match="sq_sums=True"):
+        passes[0].grads()
+
+
 def test_magnitude_by_hand(setup):
     model, x, _, _ = setup
     p = {n: t.detach() for n, t in model.named_parameters()}

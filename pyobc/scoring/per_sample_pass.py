@@ -152,6 +152,10 @@ class PerSamplePass:
 
     def _serving_module(self, param: str) -> tuple[str, str]:
         """(module name, parameter name local to it) of the nearest called module owning ``param``."""
+        if self._sq is not None:
+            raise RuntimeError("PerSamplePass(sq_sums=True) serves sq_grad_sums() only: its records were "
+                               "released during the backward pass (construct it without sq_sums for "
+                               "per-sample gradients or rows)")
         for name in _owner_candidates(param):
             if self.capture.records.get(name):
                 local = param[len(name) + 1:] if name else param
