@@ -11,8 +11,11 @@ from .base import Criterion, Result
 @register
 class OBD(Criterion):
     """``1/2 sum_{i in s} theta_i^2 F_ii`` with ``F_ii`` the mean over samples of the squared per-sample
-    gradient. Per-sample gradients are never looped over in Python: linear layers use
-    ``(G^2)^T (X^2)``, convs one batched weight-gradient call, norms closed forms.
+    gradient. Per-sample gradients are never looped over in Python: conv and linear layers with few
+    output positions per sample take the sums from one product over pairs of positions (``(G^2)^T (X^2)``
+    for a linear layer on 2-D inputs) without forming per-sample gradients, the others form them with
+    grouped weight-gradient convolutions (or batched products) in cache-sized chunks of samples, and
+    norms use closed forms.
 
     Per-weight scores (``granularity="weight"``): ``1/2 theta_i^2 F_ii``.
     """

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .. import ops
+from . import position_pairs
 from ..layers import BATCH_NORMS, CONV, NORMS, STATISTICS_NORMS, WEIGHT_LAYERS, is_weight_layer
 from .capture import Record
 
@@ -36,6 +37,15 @@ MEMORY_BUDGET = 256 * 2**20
 #: weight-gradient convolution is 1.7x (2 threads) to 2.3x (1 thread) slower over ResNet-20's convs when
 #: the chunk spills (bench/RESULTS.md, issue #15). Whole-batch calls also allocated fresh pages every time.
 CHUNK_BYTES = 2**20
+
+#: conv/linear layers with at most this many output positions per sample (summed over their calls) get
+#: their squared sums from pairs of positions, one GEMM without per-sample gradients
+#: (:mod:`~pyobc.scoring.position_pairs`); up to :data:`PAIR_POSITIONS_WHEN_ONE_SAMPLE` when one
+#: sample's weight gradient alone fills a chunk. Measured on 32-sample batches (bench/RESULTS.md): pairs
+#: win 25x at 1 position (512 channels), 1.8-4x at 4, 1.6x at 9 with 256 channels, and lose at 9 with
+#: 16-64 channels (0.6-0.8x) and at 16 positions (0.4x).
+PAIR_POSITIONS = 4
+PAIR_POSITIONS_WHEN_ONE_SAMPLE = 9
 
 #: output channel axes measured by :func:`probe_channel_axes` for the scoring run in progress
 #: (module -> axis, or None for a layer whose output is not per-channel affine in its own parameters)
@@ -196,10 +206,40 @@ def _sq_chunks(module: nn.Module, calls: list[tuple[Record, list]], only: Collec
     grad_bytes = _param_bytes(module, only)
     if not (isinstance(module, CONV + (nn.Linear,)) and _closed_form_ok(module)):
         return _chunks(n, grad_bytes)
+    step = _closed_form_step(module, calls, grad_bytes)
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _closed_form_step(module: nn.Module, calls: list[tuple[Record, list]], grad_bytes: int) -> int:
+    """Samples per chunk of a conv/linear layer's per-sample gradients (see :data:`CHUNK_BYTES`)."""
     act = max((sum(t[0].numel() * t.element_size() for t in (rec.x, rec.y)
                    if isinstance(t, torch.Tensor) and t.dim() > 0) for rec, _ in calls), default=0)
-    step = max(1, min(MEMORY_BUDGET // max(1, grad_bytes), CHUNK_BYTES // max(1, grad_bytes + act)))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+    return max(1, min(MEMORY_BUDGET // max(1, grad_bytes), CHUNK_BYTES // max(1, grad_bytes + act)))
+
+
+def _pair_sums(module: nn.Module, calls: list[tuple[Record, list]],
+               only: Collection[str] | None) -> dict[str, torch.Tensor] | None:
+    """Unscaled squared sums of a conv/linear layer with few output positions per sample, from pairs of
+    positions (:mod:`~pyobc.scoring.position_pairs`); None where forming per-sample gradients is cheaper:
+    more than :data:`PAIR_POSITIONS` positions (summed over the calls), or more than
+    :data:`PAIR_POSITIONS_WHEN_ONE_SAMPLE` when one sample's gradient alone fills a chunk."""
+    if not (_closed_form_ok(module) and (only is None or set(only) <= {"weight", "bias"})):
+        return None
+    reached = [(rec, grads[0].detach()) for rec, grads in calls if grads[0] is not None]
+    counts = [position_pairs.position_count(module, g) for _, g in reached]
+    if not reached or None in counts:
+        return None
+    one_sample = _closed_form_step(module, calls, _param_bytes(module, only)) == 1
+    if sum(counts) > (PAIR_POSITIONS_WHEN_ONE_SAMPLE if one_sample else PAIR_POSITIONS):
+        return None
+    parts = [position_pairs.positions(module, rec.x.detach(), g) for rec, g in reached]
+    out = {}
+    if only is None or "weight" in only:
+        out["weight"] = position_pairs.pair_sq_sums(parts).reshape(module.weight.shape)
+    if module.bias is not None and (only is None or "bias" in only):
+        per_sample_bias = sum(g.sum(1) for _, g in parts)
+        out["bias"] = (per_sample_bias * per_sample_bias).sum(0)
+    return out
 
 
 def _conv_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -353,27 +393,22 @@ def sq_grad_sums(module: nn.Module, calls: list[tuple[Record, list]], scale: flo
                  only: Collection[str] | None = None) -> dict[str, torch.Tensor]:
     """``sum_n (scale * per-sample grad)^2`` for each of ``module``'s own parameters (local names).
 
-    Several calls of one module in a forward pass are added per sample before squaring. A linear layer
-    on 2-D inputs called once never materialises per-sample gradients: ``sum_n (G[n,o] X[n,i])^2`` is
-    the matrix product ``(G^2)^T (X^2)``.
+    Several calls of one module in a forward pass are added per sample before squaring. Conv and linear
+    layers with few output positions per sample (a linear layer on 2-D inputs: one) never form
+    per-sample gradients (:mod:`~pyobc.scoring.position_pairs`); the others form them in chunks of
+    samples (:data:`CHUNK_BYTES`).
     """
-    rec0, grads0 = calls[0]
-    if (len(calls) == 1 and isinstance(module, nn.Linear) and rec0.x.dim() == 2 and grads0[0] is not None
-            and (only is None or set(only) <= {"weight", "bias"})):
-        x, g = rec0.x.detach(), grads0[0].detach() * scale
-        out = {"weight": (g * g).t().mm(x * x)}
-        if module.bias is not None:
-            out["bias"] = (g * g).sum(0)
-        return {k: v for k, v in out.items() if only is None or k in only}
-    total: dict[str, torch.Tensor] = {}
-    for sl in _sq_chunks(module, calls, only):
-        acc: dict[str, torch.Tensor] = {}
-        for rec, grads in calls:
-            for k, v in per_sample_grads(module, rec, grads, 1.0, sl, only).items():
-                acc[k] = acc[k] + v if k in acc else v
-        for k, v in acc.items():
-            s = v.square().sum(0)
-            total[k] = total[k] + s if k in total else s
+    total = _pair_sums(module, calls, only)
+    if total is None:
+        total = {}
+        for sl in _sq_chunks(module, calls, only):
+            acc: dict[str, torch.Tensor] = {}
+            for rec, grads in calls:
+                for k, v in per_sample_grads(module, rec, grads, 1.0, sl, only).items():
+                    acc[k] = acc[k] + v if k in acc else v
+            for k, v in acc.items():
+                s = v.square().sum(0)
+                total[k] = total[k] + s if k in total else s
     # the scale is applied once to the sums, not to every per-sample gradient
     return {k: v * (scale * scale) for k, v in total.items()} if scale != 1.0 else total
 
