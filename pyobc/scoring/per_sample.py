@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .. import ops
-from . import position_pairs
 from ..layers import BATCH_NORMS, CONV, NORMS, STATISTICS_NORMS, WEIGHT_LAYERS, is_weight_layer
+from . import position_pairs
 from .capture import Record
 
 __all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows", "MEMORY_BUDGET",

@@ -35,7 +35,8 @@ def position_count(module: nn.Module, g: torch.Tensor) -> int | None:
     None for layers :func:`positions` does not serve.
 
     Example:
-        >>> position_count(nn.Conv2d(2, 3, 3), torch.zeros(4, 3, 2, 5)), position_count(nn.Linear(2, 3), torch.zeros(4, 7, 3))
+        >>> conv, linear = nn.Conv2d(2, 3, 3), nn.Linear(2, 3)
+        >>> position_count(conv, torch.zeros(4, 3, 2, 5)), position_count(linear, torch.zeros(4, 7, 3))
         (10, 7)
     """
     if not _supported(module):
