@@ -1,8 +1,8 @@
 """OBD's squared per-sample gradient sums of one 3x3 conv, by each path, side by side.
 
 For each layer shape: the per-sample path (grouped weight-gradient convolutions over chunks of samples,
-``per_sample.CHUNK_BYTES``), the pair-of-positions path (``position_pairs.pair_sq_sums``) and, for scale,
-one batched weight gradient. Medians over ``--repeats`` alternating rounds; the two paths' results are
+``per_sample.CHUNK_BYTES``), the pair-of-positions path (``position_pairs``), both through
+``per_sample.sq_grad_sums`` with the pair threshold forced, and, for scale, one batched weight gradient. Medians over ``--repeats`` alternating rounds; the two paths' results are
 checked against each other. Which path ``sq_grad_sums`` takes is marked with ``*``.
 
     python bench/bench_obd_layers.py                 # the shapes of bench/RESULTS.md
@@ -17,19 +17,21 @@ import time
 import torch
 import torch.nn as nn
 
-from pyobc.scoring import per_sample, position_pairs
+from pyobc.scoring import per_sample
 from pyobc.scoring.capture import Record
 
 #: (channels, output height, output width)
 SHAPES = [(512, 1, 1), (256, 2, 2), (256, 3, 3), (128, 4, 4), (64, 3, 3), (16, 3, 3), (64, 8, 8)]
 
 
-def _per_sample(conv: nn.Conv2d, calls: list) -> torch.Tensor:
-    total = 0
-    for sl in per_sample._sq_chunks(conv, calls, {"weight"}):
-        g = per_sample.per_sample_grads(conv, calls[0][0], calls[0][1], 1.0, sl, {"weight"})["weight"]
-        total = total + g.square().sum(0)
-    return total
+def _sq_sums(conv: nn.Conv2d, calls: list, pairs_up_to: int) -> torch.Tensor:
+    """``per_sample.sq_grad_sums`` with the pair path allowed up to ``pairs_up_to`` positions."""
+    saved = per_sample.PAIR_POSITIONS, per_sample.PAIR_POSITIONS_WHEN_ONE_SAMPLE
+    per_sample.PAIR_POSITIONS = per_sample.PAIR_POSITIONS_WHEN_ONE_SAMPLE = pairs_up_to
+    try:
+        return per_sample.sq_grad_sums(conv, calls, 1.0, {"weight"})["weight"]
+    finally:
+        per_sample.PAIR_POSITIONS, per_sample.PAIR_POSITIONS_WHEN_ONE_SAMPLE = saved
 
 
 def _seconds(fn) -> float:
@@ -51,8 +53,8 @@ def main(argv=None) -> int:
         g = torch.randn(args.batch, c, h, w)
         calls = [(Record((x,), {}, g, ()), [g])]
         paths = {
-            "per-sample": lambda: _per_sample(conv, calls),
-            "pairs": lambda: position_pairs.pair_sq_sums([position_pairs.positions(conv, x, g)]).view_as(conv.weight),
+            "per-sample": lambda: _sq_sums(conv, calls, 0),
+            "pairs": lambda: _sq_sums(conv, calls, h * w),
             "batched": lambda: torch.nn.grad.conv2d_weight(x, conv.weight.shape, g, 1, 1),
         }
         a, b = paths["per-sample"](), paths["pairs"]()
