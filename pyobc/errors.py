@@ -16,7 +16,7 @@ Example:
 """
 from __future__ import annotations
 
-__all__ = ["EmptyLoaderError", "ModelRunError", "GroupSearchTimeout", "PrunedModelError", "DistributedScoringError",
+__all__ = ["EmptyLoaderError", "ModelRunError", "TracingError", "GroupSearchTimeout", "PrunedModelError", "DistributedScoringError",
            "ConfigMismatchError", "EmptyShardError", "PeerFailedError"]
 
 
@@ -27,6 +27,12 @@ class EmptyLoaderError(ValueError):
 class ModelRunError(ValueError):
     """Running the user's model (or ``loss_fn``) on the first batch failed: the message names the model,
     the input shapes and the original error, which is chained as ``__cause__``."""
+
+
+class TracingError(NotImplementedError):
+    """Torch-Pruning's DependencyGraph, which pyobc uses to find coupled channels, failed inside its own code
+    on a model that runs (e.g. ShuffleNet's channel shuffle, a reshape it cannot map): the message names the
+    model, the Torch-Pruning function and the original error, which is chained as ``__cause__``."""
 
 
 class GroupSearchTimeout(RuntimeError):

@@ -17,15 +17,19 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import traceback
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from .attention_heads import HeadLayout, attention_layers, head_layouts, int_width_layers
+from .errors import TracingError
 from .fused_mlp import FusedMLP, fused_mlps
 from .hidden_width import HiddenLayout, hidden_layout
 from . import grouping_cache
@@ -400,14 +404,15 @@ def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn:
                  **{n: f.module for f in mlps for n in (f.gate_up, f.down)}}
     transposed = {type(m) for m in model.modules() if is_transposed_linear(m)}
     pruner = _transposed_linear_pruner(tp_function)()
-    dg, seen = _trace(tp, model, example_inputs, forward_fn, {t: pruner for t in transposed})
-    converter = _GroupConverter(tp, tp_function, dg, model, ignored, protected)
-    modules = dict(model.named_modules())
-    skip_roots = [modules[n] for n in protected] + [m for m in model.modules() if id(m) in ignored]
-    tp_groups, converter.skipped["search"] = search_groups(
-        dg, model, converter.names, CONV + LINEAR + tuple(transposed), skip_roots, seconds=seconds,
-        progress=progress)
-    groups = [g for tp_group in tp_groups if (g := converter.convert(tp_group)) is not None]
+    with _torch_pruning_failures(model):
+        dg, seen = _trace(tp, model, example_inputs, forward_fn, {t: pruner for t in transposed})
+        converter = _GroupConverter(tp, tp_function, dg, model, ignored, protected)
+        modules = dict(model.named_modules())
+        skip_roots = [modules[n] for n in protected] + [m for m in model.modules() if id(m) in ignored]
+        tp_groups, converter.skipped["search"] = search_groups(
+            dg, model, converter.names, CONV + LINEAR + tuple(transposed), skip_roots, seconds=seconds,
+            progress=progress)
+        groups = [g for tp_group in tp_groups if (g := converter.convert(tp_group)) is not None]
     groups += converter.head_groups(model, seen, heads)
     for f in mlps:
         if f.module in seen and not any(id(model.get_submodule(n)) in ignored for n in (f.gate_up, f.down)):
@@ -442,6 +447,37 @@ def _ignored_ids(model: nn.Module, ignored_layers: Sequence[nn.Module | str]) ->
             raise TypeError(f"ignored_layers entries must be modules or names, got {type(layer).__name__}")
         ignored.add(id(layer))
     return ignored
+
+
+@contextlib.contextmanager
+def _torch_pruning_failures(model: nn.Module) -> Iterator[None]:
+    """Turn an exception raised inside Torch-Pruning's code (tracing, index mapping, group search) into one
+    :class:`~pyobc.errors.TracingError`; pyobc's own errors and the model's pass through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        error = _tracing_error(model, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _tracing_error(model: nn.Module, exc: Exception) -> TracingError | None:
+    """A :class:`~pyobc.errors.TracingError` for ``exc`` when it was raised inside Torch-Pruning's own code
+    (the model has run once before tracing, so its own errors surfaced then); None for anything else
+    (a model that fails only under the tracer's hooks keeps its original error)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = frames[-1] if frames else None
+    if where is None or f"{os.sep}torch_pruning{os.sep}" not in where.filename:
+        return None
+    path = where.filename[where.filename.rfind(f"{os.sep}torch_pruning{os.sep}") + 1:]
+    text = " ".join(str(exc).split())
+    return TracingError(
+        f"Torch-Pruning's DependencyGraph, which pyobc uses to find coupled channels, failed on "
+        f"{type(model).__name__}: {type(exc).__name__}{': ' + text if text else ''} in {where.name} "
+        f"({path}:{where.lineno}). The model runs; its channel dependencies are what cannot be traced "
+        "(Torch-Pruning does not map some reshapes and permutations of the channel axis, such as "
+        "ShuffleNet's channel shuffle). ignored_layers cannot help: the whole forward is traced")
 
 
 def _trace(tp: Any, model: nn.Module, example_inputs: Any, forward_fn: Any,

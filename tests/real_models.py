@@ -88,6 +88,13 @@ _TEXT = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_
              max_position_embeddings=64)
 
 
+def _hf_vit() -> nn.Module:
+    """A Hugging Face image classifier: its output is an ``ImageClassifierOutput``, read by pyobc's default loss."""
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=10))
+
+
 def _bert() -> nn.Module:
     return transformers.BertForMaskedLM(transformers.BertConfig(**_TEXT))
 
@@ -127,6 +134,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("timm_mobilevitv2_050", _timm("mobilevitv2_050"), _images(64)),
     Arch("timm_efficientvit_b0", _timm("efficientvit_b0"), _images(64)),
     Arch("timm_levit_128s", _timm("levit_128s", img_size=64), _images(64)),
+    Arch("hf_vit", _hf_vit, _images(32), logits=lambda out: out.logits),
     _text("hf_bert", _bert),
     _text("hf_gpt2", _gpt2),
     _text("hf_llama", _llama),

@@ -243,3 +243,43 @@ def test_ignored_layers():
     assert set(s.by_module()) == {"0"}
     with pytest.raises(ValueError, match="no submodule"):
         pyobc.score(model, data(), "taylor", ignored_layers=["nope"])
+
+
+class _Output(dict):
+    """A dict with attribute access, as Hugging Face's ``ModelOutput``."""
+
+    __getattr__ = dict.get
+
+
+class _Wrapped(nn.Module):
+    """``net`` whose output is wrapped the way Hugging Face classifiers (``.logits``) or dict models return it."""
+
+    def __init__(self, net: nn.Module, how: str):
+        super().__init__()
+        self.net, self.how = net, how
+
+    def forward(self, x):
+        z = self.net(x)
+        if self.how == "dict":
+            return {"logits": z}
+        if self.how == "tuple":
+            return z, z
+        return _Output(logits=z, hidden_states=None)
+
+
+@pytest.mark.parametrize("how", ["attribute", "dict"])
+def test_default_loss_reads_logits_of_wrapped_outputs(how):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5))
+    data = [(torch.randn(8, 6), torch.randint(0, 5, (8,)))]
+    plain = pyobc.score(net, data, "taylor")
+    wrapped = pyobc.score(_Wrapped(net, how), data, "taylor")
+    assert [g.root for g in wrapped.groups] == ["net." + g.root for g in plain.groups]
+    for a, b in zip(plain.values, wrapped.values):
+        torch.testing.assert_close(a, b)
+
+
+def test_default_loss_refuses_ambiguous_tuple_outputs():
+    net = _Wrapped(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)), "tuple")
+    with pytest.raises(TypeError, match=r"must return logits.*got tuple"):
+        pyobc.score(net, [(torch.randn(8, 6), torch.randint(0, 5, (8,)))], "taylor")

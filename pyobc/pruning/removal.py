@@ -39,6 +39,7 @@ from .report import LayerWidth, PruneReport
 from .selection import choose, target_measure
 from .slicing import apply_remove, broken_model_message
 from .validation import check_prune_options, check_scores
+from .zeroing_check import check_zeroing_equivalence, zeroed_outputs
 
 __all__ = ["Removal", "plan_removal", "perform_removal"]
 
@@ -122,6 +123,9 @@ def perform_removal(removal: Removal, *, inplace: bool = False, compensate: bool
     dense = copy.deepcopy(model) if inplace and calibration is not None else model
     if compensate:
         _compensate(out, groups, remove, scores)
+    # what the cut must compute: the (compensated) model with the channels zeroed, taken before cutting
+    zeroed = (zeroed_outputs(out, groups, remove, removal.example_inputs)
+              if removal.example_inputs is not None else None)
     apply_remove(out, groups, remove)
     keep = {}
     layers = []
@@ -137,6 +141,7 @@ def perform_removal(removal: Removal, *, inplace: bool = False, compensate: bool
         except RuntimeError as e:
             raise PrunedModelError(broken_model_message(e, groups, remove)) from e
         macs_after = macs_from(costs_after, tensor_shapes(out))
+        check_zeroing_equivalence(zeroed, out, removal.example_inputs)
     reconstruction = None
     if calibration is not None:  # after the check above: a broken cut is reported as such, not as a refit error
         reconstruction = refit(dense, out, plan_targets(dense, out, groups, remove), calibration, damping=damping,

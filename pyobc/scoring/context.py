@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..grouping import Group
-from ..losses import causal_lm
+from ..losses import causal_lm, logits
 from ..nested import map_tensors
 from .capture import Capture, ModifiedInPlace
 from .layout import Layout
@@ -31,9 +31,20 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Mean cross-entropy of ``model(inputs)`` against ``targets`` for ``(inputs, targets)`` batches."""
+    """Mean cross-entropy of the logits of ``model(inputs)`` against ``targets`` for ``(inputs, targets)``
+    batches. The logits are the output itself, its ``.logits`` (Hugging Face image and sequence
+    classifiers) or its ``"logits"`` entry (:func:`pyobc.losses.logits`).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> wrapped = lambda inputs: {"logits": net(inputs)}
+        >>> torch.equal(default_loss(wrapped, (x, y)), default_loss(net, (x, y)))
+        True
+    """
     inputs, targets = batch
-    return F.cross_entropy(model(inputs), targets)
+    return F.cross_entropy(logits(model(inputs)), targets)
 
 
 #: class-name endings of Hugging Face causal language models (``LlamaForCausalLM``, ``GPT2LMHeadModel``)
