@@ -95,6 +95,18 @@ def _hf_vit() -> nn.Module:
         num_labels=10))
 
 
+def _bert_classifier() -> nn.Module:
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**_TEXT, num_labels=3))
+
+
+def _classified_tokens(g: torch.Generator, n: int) -> dict:
+    """A Hugging Face classification batch: padded token ids, their mask, one label per sequence."""
+    ids = torch.randint(0, 256, (n, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, 12:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (n,), generator=g)}
+
+
 def _bert() -> nn.Module:
     return transformers.BertForMaskedLM(transformers.BertConfig(**_TEXT))
 
@@ -135,6 +147,8 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("timm_efficientvit_b0", _timm("efficientvit_b0"), _images(64)),
     Arch("timm_levit_128s", _timm("levit_128s", img_size=64), _images(64)),
     Arch("hf_vit", _hf_vit, _images(32), logits=lambda out: out.logits),
+    Arch("hf_bert_classifier", _bert_classifier, _classified_tokens,
+         example=lambda b: {k: v for k, v in b.items() if k != "labels"}, logits=lambda out: out.logits),
     _text("hf_bert", _bert),
     _text("hf_gpt2", _gpt2),
     _text("hf_llama", _llama),
@@ -198,8 +212,9 @@ class State:
         self.cache: dict[str, Any] = {}
 
     def logits(self, model: nn.Module) -> torch.Tensor:
-        with torch.no_grad():
-            return self.arch.logits(model(self.example))
+        with torch.no_grad():  # a dict of inputs is keywords, as pyobc's example_inputs
+            out = model(**self.example) if isinstance(self.example, dict) else model(self.example)
+            return self.arch.logits(out)
 
     def score(self, method: str, **options) -> pyobc.Scores:
         return pyobc.score(self.model, [self.batch], method, loss_fn=self.arch.loss_fn, **options)

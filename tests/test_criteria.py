@@ -6,6 +6,8 @@ grouping, layout or per-sample machinery.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -222,7 +224,11 @@ def test_obd_on_linear_tokens_and_attention_matches_loop(float64):
         g = weight_grads(model, x[n:n + 1], y[n:n + 1])
         for k in fisher:
             fisher[k] += g[k] ** 2
-    scores = pyobc.score(model, [(x, y)], "obd", granularity="weight")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = pyobc.score(model, [(x, y)], "obd", granularity="weight")
+    # vmap over the attention module batches it (math attention), no per-sample fallback loop with warnings
+    assert not [w for w in caught if "batching rule" in str(w.message)]
     by_param = scores.by_parameter()
     for k in params:
         torch.testing.assert_close(by_param[k].double(), 0.5 * params[k].detach() ** 2 * fisher[k] / 6,

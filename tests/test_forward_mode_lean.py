@@ -101,3 +101,36 @@ def test_unit_gate_is_a_product_with_ones(dim):
     got_gy, got_gg = torch.autograd.grad((got_p * r).sum(), (yl, gl))
     for got, want in ((got_p, want_p), (got_t, want_t), (got_gy, want_gy), (got_gg, want_gg)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _relu_forward_over_reverse(relu, x, t, g, g_t):
+    """(y, y_t, dL/dx, its tangent) of ``relu`` at x along t, the reverse pass run on the dual gradient
+    (g, g_t) — what OBA's forward-over-reverse does at every ReLU — and the profiler events of that pass."""
+    x = x.detach().requires_grad_()
+    with forward_ad.dual_level():
+        y = relu(forward_ad.make_dual(x, t))
+        with torch.profiler.profile() as prof:
+            (gx,) = torch.autograd.grad(y, x, forward_ad.make_dual(g, g_t))
+        y_p, y_t = forward_ad.unpack_dual(y)
+        gx_p, gx_t = forward_ad.unpack_dual(gx)
+    return [y_p.detach(), y_t, gx_p, gx_t], prof.events()
+
+
+def test_relu_on_dual_matches_torch_without_zero_tangents():
+    g = torch.Generator().manual_seed(0)
+    x, t, gr, gr_t = (torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g) for _ in range(4))
+    got, events = _relu_forward_over_reverse(lean.relu_on_dual, x, t, gr, gr_t)
+    want, _ = _relu_forward_over_reverse(F.relu, x, t, gr, gr_t)
+    mask = (x > 0).double()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[3], gr_t * mask, rtol=0, atol=0)  # and by hand
+    # no activation-sized zero tangent (torch's threshold_backward formula adds one per ReLU and pass)
+    assert not [e for e in events if e.name in ("aten::zeros_like", "aten::fill_", "aten::zero_")]
+
+
+def test_relu_on_dual_keeps_torch_in_place_and_outside_forward_mode():
+    x = torch.randn(4, requires_grad=True)
+    assert lean.relu_on_dual(x).grad_fn.name() == "ReluBackward0"  # no forward-mode AD: torch's relu
+    y = x.detach().clone()
+    assert lean.relu_on_dual(y, inplace=True) is y and bool((y >= 0).all())

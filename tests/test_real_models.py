@@ -2,8 +2,9 @@
 
 torchvision (ResNet-18/50, MobileNetV2/V3-small, EfficientNet-B0, DenseNet-121, RegNetX-400MF, ConvNeXt-T,
 GoogLeNet, Swin-T, a small VisionTransformer), timm (ResNet-18, DeiT-tiny, ConvNeXt-atto, MobileViTv2-050,
-EfficientViT-B0, LeViT-128S) and transformers (a ViT image classifier with pyobc's default loss, BERT, GPT-2,
-Llama, Qwen3 with grouped-query attention; tiny configs) with random initialisation, batch 2 at the smallest input that works (tests/real_models.py).
+EfficientViT-B0, LeViT-128S) and transformers (a ViT image classifier, a BERT sequence classifier on dict
+batches, both with pyobc's default loss; BERT, GPT-2, Llama, Qwen3 with grouped-query attention; tiny
+configs) with random initialisation, batch 2 at the smallest input that works (tests/real_models.py).
 
 Each configuration must end in exactly one of two outcomes, recorded as the test's ``outcome`` property
 (``pytest --junitxml``): "ok" (finite scores for every group; a pruned model with fewer MACs whose forward

@@ -283,3 +283,35 @@ def test_default_loss_refuses_ambiguous_tuple_outputs():
     net = _Wrapped(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)), "tuple")
     with pytest.raises(TypeError, match=r"must return logits.*got tuple"):
         pyobc.score(net, [(torch.randn(8, 6), torch.randint(0, 5, (8,)))], "taylor")
+
+
+class _Keywords(nn.Module):
+    """A classifier called with keywords, as Hugging Face models are (``pixel_values=``, ``attention_mask=``)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values, attention_mask=None):
+        z = self.net(pixel_values if attention_mask is None else pixel_values * attention_mask)
+        return _Output(logits=z)
+
+
+def test_default_loss_takes_dict_batches_with_labels():
+    """``{"pixel_values", "attention_mask", "labels"}`` batches score like ``(inputs, targets)`` pairs of the
+    same data, for every kind of pass (first order, per-sample, second order)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5))
+    x, y, mask = torch.randn(8, 6), torch.randint(0, 5, (8,)), (torch.rand(8, 6) > 0.2).float()
+    model = _Keywords(net)
+    for method in ("taylor", "obd", "oba"):
+        pairs = pyobc.score(net, [(x * mask, y)], method)
+        dicts = pyobc.score(model, [{"pixel_values": x, "attention_mask": mask, "labels": y}], method)
+        for a, b in zip(pairs.values, dicts.values):
+            torch.testing.assert_close(a, b, msg=method)
+
+
+def test_default_loss_names_the_keys_of_an_unlabelled_dict():
+    model = _Keywords(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)))
+    with pytest.raises(TypeError, match=r"dicts with a 'labels' entry .*got dict with keys \['pixel_values'\]"):
+        pyobc.score(model, [{"pixel_values": torch.randn(4, 6)}], "taylor")

@@ -24,7 +24,8 @@ parameter requires grad. Two of PyTorch's own derivative formulas then compute w
   such a forward. Where the input requires grad, the convolution and the affine map are autograd
   Functions (``_ConvInputOnly``, ``_AffineInputOnly``) whose backward maps value and tangent of the
   gradient through the same transposed convolution (multiply by ``s``): torch's forward-mode formula of
-  ``convolution_backward`` would also convolve a zero weight tangent.
+  ``convolution_backward`` would also convolve a zero weight tangent. ReLU (:func:`relu_on_dual`) is such
+  a Function too: torch's forward-mode formula of its backward adds an activation-sized zero tensor.
 
 Both are exact: the same functions, other derivative graphs. :data:`OVERRIDES` maps the torch
 functions to these replacements; :func:`pyobc.scoring.gates.second_order_mode` applies them.
@@ -41,7 +42,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from ._registry import has_tangent
 
-__all__ = ["conv_input_only", "batch_norm_eval", "OVERRIDES"]
+__all__ = ["conv_input_only", "batch_norm_eval", "relu_on_dual", "OVERRIDES"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -202,6 +203,50 @@ class _AffineInputOnly(torch.autograd.Function):
         return x_t.detach() * scale
 
 
+class _ReluOnDual(torch.autograd.Function):
+    """``relu(x)`` for forward-over-reverse passes: tangent ``x_t * [y > 0]`` and, on dual gradients,
+    ``g * [y > 0]`` for value and tangent. PyTorch's forward-mode formula of ``threshold_backward`` adds
+    an activation-sized ``zeros_like`` for the (zero) derivative of the mask, one per ReLU and pass."""
+
+    @staticmethod
+    def forward(ctx, x):  # ctx-first: no per-call signature binding in Function.apply
+        y = torch.relu(x)
+        ctx.save_for_backward(y)
+        ctx.save_for_forward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        mask_of = _forward_ad.unpack_dual(y).primal
+        return _linear_on_dual(lambda t: torch.ops.aten.threshold_backward(t, mask_of, 0), grad)
+
+    @staticmethod
+    def jvp(ctx, x_t):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(x_t.detach(), y, 0)
+
+
+def relu_on_dual(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.relu`` with lean derivatives under forward-mode AD when ``input`` requires grad (a reverse pass
+    on dual gradients follows); ``F.relu`` itself otherwise, for ``inplace=True`` and under functorch
+    transforms.
+
+    Example:
+        >>> import torch
+        >>> from torch.autograd import forward_ad
+        >>> x, t = torch.randn(5, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64)
+        >>> with forward_ad.dual_level():
+        ...     y = relu_on_dual(forward_ad.make_dual(x, t))
+        ...     torch.equal(forward_ad.unpack_dual(y).tangent, t * (x > 0))
+        True
+    """
+    if (inplace or _forward_ad._current_level < 0 or not input.requires_grad
+            or torch._C._are_functorch_transforms_active()):
+        return F.relu(input, inplace=inplace)
+    return _ReluOnDual.apply(input)
+
+
 def _conv_override(func: Callable) -> Callable:
     def run(*args, **kwargs):
         return conv_input_only(func, *args, **kwargs)
@@ -212,4 +257,7 @@ def _conv_override(func: Callable) -> Callable:
 OVERRIDES: dict[Callable, Callable] = {
     **{func: _conv_override(func) for func in _CONV.values()},
     F.batch_norm: batch_norm_eval,
+    F.relu: relu_on_dual,
+    torch.relu: relu_on_dual,
+    torch.Tensor.relu: relu_on_dual,
 }

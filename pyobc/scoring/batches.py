@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from ..errors import ModelRunError
 from ..nested import map_tensors, tensors_in
 from ..progress import progress_bar
 from .capture import Capture
-from .context import Batch, LossFn, default_loss
+from .context import Batch, LossFn, default_loss, is_labelled_dict
 
 __all__ = ["model_device", "iter_batches", "trace_inputs", "first_forward", "describe_inputs"]
 
@@ -113,10 +113,12 @@ def trace_inputs(model: nn.Module, loss_fn: LossFn, first: Batch) -> tuple[Any, 
     would cost a full forward's memory.
     """
     probe = first.split(2)[0]
-    if loss_fn is default_loss:
+    if loss_fn is default_loss and not is_labelled_dict(first.data):
         if not (isinstance(first.data, (tuple, list)) and len(first.data) == 2):
-            raise TypeError("batches must be (inputs, targets) pairs for the default cross-entropy "
-                            f"loss (got {type(first.data).__name__}); pass loss_fn for other shapes")
+            raise TypeError("batches must be (inputs, targets) pairs or dicts with a 'labels' entry for the "
+                            f"default cross-entropy loss (got {type(first.data).__name__}"
+                            + (f" with keys {sorted(map(str, first.data))}" if isinstance(first.data, Mapping) else "")
+                            + "); pass loss_fn for other shapes")
         return probe.data[0], None
     return _inputs_seen_by_model(model, loss_fn, probe)
 

@@ -5,7 +5,7 @@ builds one :class:`Context` per :func:`pyobc.score` call and feeds it batches.
 
 The loss contract: ``loss_fn(model, batch) -> scalar tensor``, the *mean* over the batch's samples
 (per-sample and micro-batched criteria rely on it; :meth:`Context.micro_batches` checks it once).
-:func:`default_loss` is cross-entropy on ``(inputs, targets)`` batches; Hugging Face causal language models
+:func:`default_loss` is cross-entropy on ``(inputs, targets)`` batches (or dicts with ``"labels"``); Hugging Face causal language models
 get :func:`pyobc.losses.causal_lm` instead (:func:`default_loss_for`).
 """
 from __future__ import annotations
@@ -25,15 +25,17 @@ from .layout import Layout
 from .per_sample import ChannelAxes
 from .unit_gate import UnitGateSites
 
-__all__ = ["Batch", "Context", "LossFn", "default_loss", "default_loss_for", "CAUSAL_LM_CLASSES"]
+__all__ = ["Batch", "Context", "LossFn", "default_loss", "default_loss_for", "is_labelled_dict", "CAUSAL_LM_CLASSES"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Mean cross-entropy of the logits of ``model(inputs)`` against ``targets`` for ``(inputs, targets)``
-    batches. The logits are the output itself, its ``.logits`` (Hugging Face image and sequence
-    classifiers) or its ``"logits"`` entry (:func:`pyobc.losses.logits`).
+    """Mean cross-entropy of the model's logits against the targets, for ``(inputs, targets)`` batches
+    (``model(inputs)``) and for dict batches with a ``"labels"`` entry, the form Hugging Face datasets and
+    collators give classifiers (``model(**the other entries)``). The logits are the output itself, its
+    ``.logits`` (Hugging Face image and sequence classifiers) or its ``"logits"`` entry
+    (:func:`pyobc.losses.logits`).
 
     Example:
         >>> import torch
@@ -42,9 +44,20 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         >>> wrapped = lambda inputs: {"logits": net(inputs)}
         >>> torch.equal(default_loss(wrapped, (x, y)), default_loss(net, (x, y)))
         True
+        >>> keywords = lambda pixel_values: net(pixel_values)
+        >>> torch.equal(default_loss(keywords, {"pixel_values": x, "labels": y}), default_loss(net, (x, y)))
+        True
     """
+    if is_labelled_dict(batch):
+        z = model(**{k: v for k, v in batch.items() if k != "labels"})
+        return F.cross_entropy(logits(z), batch["labels"])
     inputs, targets = batch
     return F.cross_entropy(logits(model(inputs)), targets)
+
+
+def is_labelled_dict(batch: Any) -> bool:
+    """Whether ``batch`` is a mapping with a ``"labels"`` entry (a Hugging Face classification batch)."""
+    return isinstance(batch, Mapping) and "labels" in batch
 
 
 #: class-name endings of Hugging Face causal language models (``LlamaForCausalLM``, ``GPT2LMHeadModel``)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
 from ..layers import BATCH_NORMS, CONV, NORMS, STATISTICS_NORMS, WEIGHT_LAYERS, is_weight_layer
@@ -357,7 +358,11 @@ def _vmap_grads(module: nn.Module, rec: Record, grads: list, sl: slice,
 
     present = [c for c in cots if c is not None]
     in_dims = tuple(bd for _ in tensor_pos) + tuple(bd for _ in present)
-    return vmap(one, in_dims=in_dims)(*[args[i] for i in tensor_pos], *present)
+    # the fused attention kernels (flash, memory-efficient) have no vmap batching rule: vmap would run
+    # them once per sample, with a warning per call (nn.MultiheadAttention, Hugging Face attention);
+    # the math backend is plain matmuls and softmax, which vmap batches
+    with sdpa_kernel(SDPBackend.MATH):
+        return vmap(one, in_dims=in_dims)(*[args[i] for i in tensor_pos], *present)
 
 
 def per_sample_grads(module: nn.Module, rec: Record, grads: list, scale: float = 1.0,
