@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import pyobc
 from pyobc.masking import zero_channels
-from pyobc.pruning.zeroing_check import check_zeroing_equivalence, zeroed_outputs
+from pyobc.pruning.zeroing_check import check_zeroing_equivalence, mismatched_groups, zeroed_outputs
 
 
 class Shuffled(nn.Module):
@@ -78,6 +78,7 @@ def test_channel_shuffle_cut_is_flagged():
     model = Shuffled().eval()
     scores, small, report, flagged = _prune(model, 0.25, ignored_layers=["b"])  # an even cut of a only
     assert len(flagged) == 1 and "channel shuffle" in str(flagged[0].message)
+    assert "ignored_layers=['a']" in str(flagged[0].message)  # the group whose cut alone is wrong
     assert flagged[0].filename == __file__  # points at the caller of pyobc.prune
     # independently: the cut really computes something else than the model with those channels zeroed
     zeroed = zero_channels(model, scores.groups, report.removed)
@@ -85,6 +86,21 @@ def test_channel_shuffle_cut_is_flagged():
     with torch.no_grad():
         a, b = zeroed(x), small.eval()(x)
     assert (a - b).abs().max() > 1e-2 * a.abs().max()
+
+
+def test_following_the_suggestion_silences_the_check():
+    """Cutting only the groups the warning does not name (b's channels, then the head's inputs) is right."""
+    torch.manual_seed(0)
+    model = Shuffled().eval()
+    _, small, report, flagged = _prune(model, 0.25, ignored_layers=["a"])
+    assert not flagged and report.removed and "a" not in report.removed
+
+
+def test_an_in_place_cut_is_checked_without_naming_groups():
+    torch.manual_seed(0)
+    _, _, _, flagged = _prune(Shuffled().eval(), 0.25, ignored_layers=["b"], inplace=True)
+    assert len(flagged) == 1 and "ignored_layers=[" not in str(flagged[0].message)  # the unpruned model is gone
+    assert "pass the layers around such an op in ignored_layers" in str(flagged[0].message)
 
 
 @pytest.mark.parametrize("kw", [{}, {"inplace": True}, {"compensate": True}], ids=["copy", "inplace", "compensate"])
@@ -127,3 +143,13 @@ def test_check_does_not_apply_across_channel_norms():
     groups = pyobc.score(net, [(x, torch.tensor([0, 1]))], "magnitude").groups
     assert zeroed_outputs(net, groups, {groups[0].root: torch.tensor([1])}, x) is None
     assert zeroed_outputs(net, groups, {groups[0].root: torch.tensor([], dtype=torch.long)}, x) is None
+
+
+def test_group_search_reports_whether_it_tried_every_group():
+    torch.manual_seed(0)
+    model = Shuffled().eval()
+    x, y = _batch()
+    groups = pyobc.score(model, [(x, y)], "magnitude").groups
+    remove = {"a": torch.tensor([0, 5]), "b": torch.tensor([1, 2])}
+    assert mismatched_groups(model, groups, remove, x) == (["a"], True)
+    assert mismatched_groups(model, groups, remove, x, seconds=-1.0) == ([], False)

@@ -39,7 +39,7 @@ from .report import LayerWidth, PruneReport
 from .selection import choose, target_measure
 from .slicing import apply_remove, broken_model_message
 from .validation import check_prune_options, check_scores
-from .zeroing_check import check_zeroing_equivalence, zeroed_outputs
+from .zeroing_check import check_zeroing_equivalence, mismatched_groups, zeroed_outputs
 
 __all__ = ["Removal", "plan_removal", "perform_removal"]
 
@@ -141,7 +141,9 @@ def perform_removal(removal: Removal, *, inplace: bool = False, compensate: bool
         except RuntimeError as e:
             raise PrunedModelError(broken_model_message(e, groups, remove)) from e
         macs_after = macs_from(costs_after, tensor_shapes(out))
-        check_zeroing_equivalence(zeroed, out, removal.example_inputs)
+        culprits = (None if inplace else  # the unpruned model is gone after an in-place cut
+                    lambda: mismatched_groups(model, groups, remove, removal.example_inputs))
+        check_zeroing_equivalence(zeroed, out, removal.example_inputs, culprits)
     reconstruction = None
     if calibration is not None:  # after the check above: a broken cut is reported as such, not as a refit error
         reconstruction = refit(dense, out, plan_targets(dense, out, groups, remove), calibration, damping=damping,

@@ -15,8 +15,10 @@ although the cut is right; the warning says so.
 """
 from __future__ import annotations
 
+import copy
+import time
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,7 +30,10 @@ from ..model_state import preserved_state
 from ..nested import tensors_in
 from .counting import run_naming_failure
 
-__all__ = ["normalises_across_channels", "zeroed_outputs", "check_zeroing_equivalence"]
+__all__ = ["normalises_across_channels", "zeroed_outputs", "check_zeroing_equivalence", "mismatched_groups"]
+
+#: seconds the search for the groups behind a failed check may take (it cuts one copy per group)
+SEARCH_SECONDS = 30.0
 
 _CROSS_CHANNEL = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
@@ -70,7 +75,45 @@ def zeroed_outputs(model: nn.Module, groups: Sequence[Group], remove: Mapping[st
     return _outputs(model, example_inputs, masked)
 
 
-def check_zeroing_equivalence(want: list[torch.Tensor] | None, pruned: nn.Module, example_inputs: Any) -> float | None:
+def mismatched_groups(model: nn.Module, groups: Sequence[Group], remove: Mapping[str, torch.Tensor],
+                      example_inputs: Any, seconds: float = SEARCH_SECONDS) -> tuple[list[str], bool]:
+    """The roots of the groups whose cut alone computes something else than zeroing the same channels (each
+    group cut on its own copy of the unpruned ``model``), and whether every group was tried within
+    ``seconds`` (the search runs only after the whole cut has failed the check)."""
+    from .slicing import apply_remove  # slicing imports this module's neighbours; import on the failure path
+
+    found: list[str] = []
+    start = time.perf_counter()
+    candidates = [g for g in groups if torch.as_tensor(remove.get(g.root, ())).numel()]
+    for i, group in enumerate(candidates):
+        if time.perf_counter() - start > seconds:
+            return found, False
+        one = {group.root: remove[group.root]}
+        want = zeroed_outputs(model, groups, one, example_inputs)
+        single = copy.deepcopy(model)
+        try:
+            apply_remove(single, groups, one)
+            worst = _difference(want, _outputs(single, example_inputs))
+        except Exception:  # noqa: BLE001 - a group whose cut alone breaks the model is one of them
+            worst = float("inf")
+        if worst is not None and worst > _tolerance(want[0].dtype):
+            found.append(group.root)
+    return found, True
+
+
+def _difference(want: list[torch.Tensor] | None, got: list[torch.Tensor]) -> float | None:
+    """Largest difference relative to each output's scale; None when the outputs are not comparable."""
+    if want is None or len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+        return None  # e.g. outputs shaped by the channel count (features): nothing to compare
+    worst = 0.0
+    for a, b in zip(want, got):
+        if a.numel():
+            worst = max(worst, float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12))
+    return worst
+
+
+def check_zeroing_equivalence(want: list[torch.Tensor] | None, pruned: nn.Module, example_inputs: Any,
+                              culprits: Callable[[], tuple[list[str], bool]] | None = None) -> float | None:
     """Compare ``pruned(example_inputs)`` with :func:`zeroed_outputs` taken before the cut; warn when they
     differ by more than rounding. Returns the largest difference relative to the output's scale, or None
     where there is nothing to compare.
@@ -88,19 +131,21 @@ def check_zeroing_equivalence(want: list[torch.Tensor] | None, pruned: nn.Module
     """
     if want is None:
         return None
-    got = _outputs(pruned, example_inputs)
-    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
-        return None  # outputs shaped by the channel count (e.g. features): nothing to compare
-    worst = 0.0
-    for a, b in zip(want, got):
-        if a.numel():
-            worst = max(worst, float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12))
-    if worst > _tolerance(want[0].dtype if want else torch.float32):
-        warnings.warn(
-            f"pyobc.prune: the pruned model's outputs differ from the unpruned model's with the same channels "
-            f"zeroed (largest difference {worst:.3g} of the output's scale). The channel groups do not match "
-            "the model's data flow: Torch-Pruning maps a reshape that keeps the channel count (a channel "
-            "shuffle, view -> transpose -> reshape) as if channels stayed in place. Check the pruned model, or "
-            "pass the layers around such an op in ignored_layers. (A softmax or norm over channels written as "
-            "a function gives this warning for a correct cut.)", stacklevel=4)
+    worst = _difference(want, _outputs(pruned, example_inputs))
+    if worst is None or worst <= _tolerance(want[0].dtype if want else torch.float32):
+        return worst
+    if culprits is None:
+        way_out = "pass the layers around such an op in ignored_layers"
+    else:
+        roots, complete = culprits()
+        way_out = (f"pass ignored_layers={roots!r} to leave {'those groups' if len(roots) > 1 else 'that group'} "
+                   "whole" + ("" if complete else f" (the search stopped after {SEARCH_SECONDS:.0f} s; there may "
+                              "be more)") if roots else "no single group's cut differs on its own")
+    warnings.warn(
+        f"pyobc.prune: the pruned model's outputs differ from the unpruned model's with the same channels "
+        f"zeroed (largest difference {worst:.3g} of the output's scale). The channel groups do not match "
+        "the model's data flow: Torch-Pruning maps a reshape that keeps the channel count (a channel "
+        f"shuffle, view -> transpose -> reshape) as if channels stayed in place. Check the pruned model; {way_out}. "
+        "(A softmax or norm over channels written as a function gives this warning for a correct cut.)",
+        stacklevel=4)
     return worst
