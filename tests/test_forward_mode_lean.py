@@ -134,3 +134,69 @@ def test_relu_on_dual_keeps_torch_in_place_and_outside_forward_mode():
     assert lean.relu_on_dual(x).grad_fn.name() == "ReluBackward0"  # no forward-mode AD: torch's relu
     y = x.detach().clone()
     assert lean.relu_on_dual(y, inplace=True) is y and bool((y >= 0).all())
+
+
+def test_relu_on_dual_serves_in_place_out_of_place_in_forward_mode():
+    """torchvision's ``ReLU(inplace=True)`` inside OBA's pass: same values and tangent as torch's relu, the
+    input left as it was (models use the returned tensor)."""
+    g = torch.Generator().manual_seed(1)
+    x, t, gr, gr_t = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) for _ in range(4))
+    got, events = _relu_forward_over_reverse(lambda v: lean.relu_on_dual(v, inplace=True), x, t, gr, gr_t)
+    want, _ = _relu_forward_over_reverse(F.relu, x, t, gr, gr_t)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not [e for e in events if e.name in ("aten::zeros_like", "aten::fill_", "aten::zero_")]
+    v = x.clone().requires_grad_()
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(v, t)
+        out = lean.relu_on_dual(dual, inplace=True)
+        assert out is not dual and torch.equal(forward_ad.unpack_dual(dual).primal, x)
+
+
+class _InPlaceRelu(torch.nn.Module):
+    """conv -> BN -> ReLU(inplace) -> conv -> head, as torchvision writes its blocks."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.conv1, self.bn = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6)
+        self.relu = torch.nn.ReLU(inplace=inplace)
+        self.conv2, self.head = torch.nn.Conv2d(6, 5, 3), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.relu(self.bn(self.conv1(x)))).mean((2, 3)))
+
+
+def test_oba_with_in_place_relu_copies_no_activation_after_learning():
+    """The BN gate before ``ReLU(inplace=True)`` needs no copy once the ReLU is served out of place, and the
+    scores are those of the same network written with ``inplace=False``."""
+    import pyobc
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    ref = _InPlaceRelu(False).double().eval()
+    with torch.no_grad():
+        ref.bn.running_mean.normal_()
+        ref.bn.running_var.uniform_(0.5, 2.0)
+    model = _InPlaceRelu(True).double().eval()
+    model.load_state_dict(ref.state_dict())
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+
+    clones: list[int] = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.clone.default and args[0].dim() == 4:
+                clones[-1] += 1
+            return func(*args, **(kwargs or {}))
+
+    def batches():
+        for _ in range(3):
+            clones.append(0)
+            with Count():
+                yield x, y
+
+    got = pyobc.score(model, batches(), "oba", micro_batch=None)
+    want = pyobc.score(ref, [(x, y)] * 3, "oba", micro_batch=None)
+    for a, b in zip(got.values, want.values):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert clones[1:] == [0, 0]  # batches after the learning pass copy no activation

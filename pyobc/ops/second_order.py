@@ -42,7 +42,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from ._registry import has_tangent
 
-__all__ = ["conv_input_only", "batch_norm_eval", "relu_on_dual", "OVERRIDES"]
+__all__ = ["conv_input_only", "batch_norm_eval", "relu_on_dual", "served_out_of_place", "OVERRIDES"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -229,7 +229,8 @@ class _ReluOnDual(torch.autograd.Function):
 
 def relu_on_dual(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``F.relu`` with lean derivatives under forward-mode AD when ``input`` requires grad (a reverse pass
-    on dual gradients follows); ``F.relu`` itself otherwise, for ``inplace=True`` and under functorch
+    on dual gradients follows; ``inplace=True`` is then served out of place, as the other replacements of
+    second-order passes do: models use the returned tensor); ``F.relu`` itself otherwise and under functorch
     transforms.
 
     Example:
@@ -241,10 +242,23 @@ def relu_on_dual(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         ...     torch.equal(forward_ad.unpack_dual(y).tangent, t * (x > 0))
         True
     """
-    if (inplace or _forward_ad._current_level < 0 or not input.requires_grad
-            or torch._C._are_functorch_transforms_active()):
+    if not _lean_relu_applies(input):
         return F.relu(input, inplace=inplace)
     return _ReluOnDual.apply(input)
+
+
+def _lean_relu_applies(input: torch.Tensor) -> bool:
+    return (_forward_ad._current_level >= 0 and input.requires_grad
+            and not torch._C._are_functorch_transforms_active())
+
+
+def served_out_of_place(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether a second-order pass serves this in-place call out of place (``F.relu(x, inplace=True)``
+    through :func:`relu_on_dual`): the input is not modified, so a gate site before it needs no copy."""
+    if func is not F.relu or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+    return bool(inplace) and _lean_relu_applies(args[0])
 
 
 def _conv_override(func: Callable) -> Callable:

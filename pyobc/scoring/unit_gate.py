@@ -21,6 +21,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .. import ops
+from ..ops.second_order import served_out_of_place
 
 __all__ = ["unit_gate", "plus_eps", "dual_channel_dot", "UnitGateSites"]
 
@@ -135,7 +136,7 @@ class _InPlaceWatch(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         target = _in_place_target(func, args, kwargs)
-        if target is not None:
+        if target is not None and not served_out_of_place(func, args, kwargs):
             self.sites.note_in_place(target)
         return func(*args, **kwargs)
 
