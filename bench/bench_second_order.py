@@ -10,8 +10,9 @@ the median time of one scoring batch ÷ one forward+backward, with
 * ``native``: torch's own convolution and batch-norm autograd in the second-order passes (what pyobc
   did before: the double backward of a convolution also computes its unused weight term, per group
   for grouped/depthwise convolutions);
-* ``lean``: pyobc's default (``second_order_mode`` routes ``F.conv*d`` through ``conv_input_only`` and
-  eval-mode ``F.batch_norm`` through ``batch_norm_eval``);
+* ``lean``: pyobc's default (``second_order_mode`` routes ``F.conv*d`` through ``conv_input_only``,
+  eval-mode ``F.batch_norm`` through ``batch_norm_eval`` and, under forward-mode AD, ``F.relu`` through
+  ``relu_on_dual``);
 
 torchvision's CUDA wheels fail to import on CPU-only torch ("operator torchvision::nms does not
 exist"); this script stubs ``torchvision._meta_registrations`` before importing it (bench only).

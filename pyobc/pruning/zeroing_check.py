@@ -5,8 +5,9 @@ Zeroing every parameter slice of a removed channel has exactly the effect of rem
 each channel to the right slices of every coupled layer. Torch-Pruning's DependencyGraph maps a reshape
 that keeps the channel count as the identity, so a channel shuffle (``view`` → ``transpose`` →
 ``reshape``) between a layer and its consumers yields groups that pair the wrong input channels: the
-pruned model runs, and computes something else. This check (outputs taken before the cut, compared after it) catches that (and any other mismatch between
-the groups and the model's data flow) at the cost of one forward of each model.
+pruned model runs, and computes something else. This check (outputs taken before the cut, compared after
+it) catches that, and any other mismatch between the groups and the model's data flow, at the cost of one
+forward of each model; when it fails, :func:`mismatched_groups` names the groups to leave whole.
 
 It applies where zeroing a channel is removing it: not where a module normalises across channels
 (LayerNorm, GroupNorm, RMSNorm: the mean over channels changes with their number), so models with such a
