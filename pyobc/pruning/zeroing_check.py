@@ -46,13 +46,22 @@ def normalises_across_channels(module: nn.Module) -> bool:
     return isinstance(module, _CROSS_CHANNEL) or name.endswith(("LayerNorm", "GroupNorm", "RMSNorm", "LayerNorm2d"))
 
 
+class _Call(nn.Module):
+    """``run_naming_failure(model, inputs)`` as a module, so ``functional_call`` can swap the parameters
+    while the model is called the one way pyobc calls it (a dict is keywords, a tuple positional)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Any) -> Any:
+        return run_naming_failure(self.model, inputs)
+
+
 def _outputs(model: nn.Module, inputs: Any, params: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
     with preserved_state(model), torch.no_grad():
-        if params is None:
-            out = run_naming_failure(model, inputs)
-        else:
-            args = tuple(inputs) if isinstance(inputs, (tuple, list)) else ({} if isinstance(inputs, dict) else (inputs,))
-            out = functional_call(model, dict(params), args, dict(inputs) if isinstance(inputs, dict) else None)
+        swapped = {f"model.{k}": v for k, v in (params or {}).items()}
+        out = functional_call(_Call(model), swapped, (inputs,))
     return [t.detach() for t in tensors_in(out) if t.is_floating_point()]
 
 
