@@ -33,6 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyobc.ops as ops
+from pyobc.ops import reference
 
 
 def _act(shape, layout="contiguous", device="cpu"):
@@ -110,6 +111,19 @@ def cases(device="cpu"):
                     lambda w, t: _eager_weight_sums(w, t, groups))
         return build
 
+    def sq_sums(n, c, hw, stride=1):
+        """conv2d_sq_grad_sums (3x3, padding 1) vs the reference's grouped weight-gradient convolution
+        in L2-sized chunks of samples (what OBD ran before the op)."""
+        def build():
+            gen = torch.Generator().manual_seed(3)
+            co, ho = c * stride, (hw - 1) // stride + 1
+            x = torch.randn(n, c, hw, hw, generator=gen).to(device)
+            g = torch.randn(n, co, ho, ho, generator=gen).to(device)
+            conv = ((3, 3), (stride, stride), (1, 1), (1, 1))
+            return ((x, g), lambda x, g: ops.conv2d_sq_grad_sums(x, g, *conv),
+                    lambda x, g: reference.conv2d_sq_grad_sums(x, g, *conv))
+        return build
+
     def csr(rows, n_cols, n_out, per_row, weighted=False):
         def build():
             gen = torch.Generator().manual_seed(1)
@@ -157,6 +171,11 @@ def cases(device="cpu"):
         "weight 512x256x3x3 groups=4": weights((512, 256, 3, 3), 4),
         "weight 512x1x3x3 depthwise": weights((512, 1, 3, 3), 512),
         "weight small 16x16x3x3": weights((16, 16, 3, 3), 1),
+        "conv2d_sq_grad_sums 64x64x8x8 (ResNet-20 stage 3)": sq_sums(64, 64, 8),
+        "conv2d_sq_grad_sums 64x128x4x4": sq_sums(64, 128, 4),
+        "conv2d_sq_grad_sums 64x32x16x16 stride 2": sq_sums(64, 32, 16, 2),
+        "conv2d_sq_grad_sums 32x512x7x7 (ResNet-50 stage 4)": sq_sums(32, 512, 7),
+        "conv2d_sq_grad_sums 64x16x32x32 (not routed: chunks win)": sq_sums(64, 16, 32),
         "csr 256 rows x 64k -> 16k (2/out)": csr(256, 65536, 16384, 2),
         "csr 256 rows x 64k -> 4k (8/out) weighted": csr(256, 65536, 4096, 8, weighted=True),
         "csr 1 row 8k -> 6k (members-like)": csr(None, 8464, 6336, 1),

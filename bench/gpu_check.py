@@ -81,6 +81,9 @@ def op_cases(device, scale: float):
     rowptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(device)
     col = torch.randint(0, cols, (int(counts.sum()),), generator=g).to(device)
     keep = torch.randperm(w.shape[0], generator=g)[: w.shape[0] // 2].to(device)
+    # OBD's squared per-sample weight gradients of a ResNet-50 stage-4 conv (3x3, 512 channels, 7x7)
+    sx, sg = rand(n(64), 512, 7, 7), rand(n(64), 512, 7, 7)
+    sq = ((3, 3), (1, 1), (1, 1), (1, 1))
     nbytes = lambda *ts: sum(x.numel() * x.element_size() for x in ts)  # noqa: E731
     return {
         f"channel_dot {tuple(a.shape)} dim=1": (lambda: ops.channel_dot(a, b, 1), nbytes(a, b)),
@@ -92,6 +95,9 @@ def op_cases(device, scale: float):
             (lambda: ops.csr_gather_sum(v, rowptr, col, check=False), rows * col.numel() * 4 + rows * outs * 4 + nbytes(rowptr, col)),
         f"gather_channels {tuple(w.shape)} dim=0 keep 1/2":
             (lambda: ops.gather_channels([w], [0], [keep]), nbytes(w)),  # reads half, writes half
+        # compute-bound (a GEMM per sample): the GB/s column counts the inputs and output only
+        f"conv2d_sq_grad_sums {tuple(sx.shape)} 3x3":
+            (lambda: ops.conv2d_sq_grad_sums(sx, sg, *sq), nbytes(sx, sg) + 512 * 512 * 9 * 4),
     }
 
 

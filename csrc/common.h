@@ -272,6 +272,48 @@ inline void check_weight_sums_args(const Tensor& w, const Tensor& t, int64_t gro
                   " does not divide the out-channel count ", w.size(0));
 }
 
+// ---------------------------------------------------------------------------------------------
+// conv2d_sq_grad_sums (mirrors check_conv2d_sq_grad_sums in pyobc/ops/_checks.py)
+// ---------------------------------------------------------------------------------------------
+
+// Shape of a 2-D convolution (groups 1): input (N, C, H, W), weight (Co, C, kh, kw), output
+// gradient (N, Co, Ho, Wo); L = Ho * Wo output positions, K = C * kh * kw weights per out-channel.
+struct Conv2dGeom {
+  int64_t N, C, H, W, Co, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+  int64_t L() const { return Ho * Wo; }
+  int64_t K() const { return C * kh * kw; }
+};
+
+inline Conv2dGeom check_conv2d_sq_args(const Tensor& x, const Tensor& g, const std::vector<int64_t>& k,
+                                       const std::vector<int64_t>& s, const std::vector<int64_t>& p,
+                                       const std::vector<int64_t>& d) {
+  const char* op = "conv2d_sq_grad_sums";
+  STD_TORCH_CHECK(x.layout() == torch::headeronly::Layout::Strided &&
+                      g.layout() == torch::headeronly::Layout::Strided,
+                  op, ": x and g must be strided (dense) tensors");
+  const ScalarType t = x.scalar_type();
+  STD_TORCH_CHECK(t == ScalarType::Float || t == ScalarType::Double, op,
+                  ": x must be float32 or float64, got ", dtype_name(t));
+  STD_TORCH_CHECK(g.scalar_type() == t, op, ": x and g must have the same dtype, got ", dtype_name(t),
+                  " and ", dtype_name(g.scalar_type()));
+  STD_TORCH_CHECK(x.device() == g.device(), op, ": x and g must be on the same device");
+  STD_TORCH_CHECK(x.dim() == 4 && g.dim() == 4, op, ": x and g must be 4-d (N, C, H, W) tensors");
+  STD_TORCH_CHECK(k.size() == 2 && s.size() == 2 && p.size() == 2 && d.size() == 2, op,
+                  ": kernel_size, stride, padding and dilation must have two entries each");
+  for (int i = 0; i < 2; ++i) {
+    STD_TORCH_CHECK(k[i] >= 1 && s[i] >= 1 && d[i] >= 1 && p[i] >= 0, op,
+                    ": kernel_size, stride and dilation must be >= 1 and padding >= 0");
+  }
+  Conv2dGeom geo{x.size(0), x.size(1), x.size(2), x.size(3), g.size(1), g.size(2), g.size(3),
+                 k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1]};
+  const int64_t ho = (geo.H + 2 * geo.ph - geo.dh * (geo.kh - 1) - 1) / geo.sh + 1;
+  const int64_t wo = (geo.W + 2 * geo.pw - geo.dw * (geo.kw - 1) - 1) / geo.sw + 1;
+  STD_TORCH_CHECK(g.size(0) == geo.N && geo.Ho == ho && geo.Wo == wo, op, ": g must have shape (",
+                  geo.N, ", Co, ", ho, ", ", wo, ") for this x and convolution, got (", g.size(0), ", ",
+                  g.size(1), ", ", g.size(2), ", ", g.size(3), ")");
+  return geo;
+}
+
 // t itself when contiguous (no dispatcher call), else a contiguous copy.
 inline Tensor as_contiguous(const Tensor& t) {
   return t.is_contiguous() ? t : torch::stable::contiguous(t);

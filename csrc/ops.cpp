@@ -13,4 +13,5 @@ STABLE_TORCH_LIBRARY(pyobc, m) {
   m.def("csr_gather_reduce(Tensor values, Tensor rowptr, Tensor col, str reduce) -> Tensor");
   m.def("gather_channels(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]");
   m.def("channel_scale(Tensor x, Tensor scale, int dim, bool per_sample=False) -> Tensor");
+  m.def("conv2d_sq_grad_sums(Tensor x, Tensor g, int[] kernel_size, int[] stride, int[] padding, int[] dilation) -> Tensor");
 }

@@ -84,6 +84,13 @@ def _scale_case(randn: Callable, shape: tuple) -> tuple[Callable, Callable]:
     return (lambda: ops.channel_scale(x, s, 1), lambda: reference.channel_scale(x, s, 1))
 
 
+def _sq_sums_case(randn: Callable, n: int, c: int) -> tuple[Callable, Callable]:
+    """conv2d_sq_grad_sums of a 3x3 conv on 8x8 maps: the compiled op against the reference kernel."""
+    x, g = randn(n, c, 8, 8), randn(n, c, 8, 8)
+    conv = ((3, 3), (1, 1), (1, 1), (1, 1))
+    return (lambda: ops.conv2d_sq_grad_sums(x, g, *conv), lambda: reference.conv2d_sq_grad_sums(x, g, *conv))
+
+
 def _cases(quick: bool, device: str) -> list[tuple[str, str, Callable[[], tuple]]]:
     """(case, op, build) with build() -> (compiled_fn, reference_fn); inputs are made on demand."""
     gen = torch.Generator().manual_seed(0)
@@ -142,6 +149,7 @@ def _cases(quick: bool, device: str) -> list[tuple[str, str, Callable[[], tuple]
         (f"{rows} rows, {src} -> {dst}", "csr_gather_sum", csr),
         (f"{rows} rows, {src} -> {dst}, amax", "csr_gather_reduce", lambda: csr("amax")),
         ("resnet-sized weights, keep 1/2", "gather_channels", gather),
+        (f"conv 3x3 {n}x{c}x8x8", "conv2d_sq_grad_sums", lambda: _sq_sums_case(randn, n, c)),
     ]
 
 

@@ -561,10 +561,21 @@ def _opcheck_samples(device="cpu"):
         (gc, ([make((6,), seed=18, device=device, dtype=torch.bfloat16)], [0],
               [torch.tensor([], dtype=torch.long, device=device)])),
     ]
+    # conv2d_sq_grad_sums has no derivative: inputs without gradients
+    cq = torch.ops.pyobc.conv2d_sq_grad_sums.default
+    samples += [
+        (cq, (make((3, 4, 6, 6), seed=23, device=device), make((3, 5, 6, 6), seed=24, device=device),
+              [3, 3], [1, 1], [1, 1], [1, 1])),
+        (cq, (make((2, 3, 7, 5), layout="channels_last", seed=25, device=device), make((2, 4, 4, 2), seed=26, device=device),
+              [3, 2], [2, 2], [1, 0], [1, 1])),
+        (cq, (make((2, 3, 6, 6), seed=27, device=device, dtype=f64), make((2, 2, 4, 4), seed=28, device=device,
+                                                                           dtype=f64),
+              [2, 2], [1, 1], [0, 0], [2, 2])),
+    ]
     return samples
 
 
-N_OPCHECK = 22
+N_OPCHECK = 25
 
 
 @pytest.mark.parametrize("index", range(N_OPCHECK))

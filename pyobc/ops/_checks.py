@@ -36,12 +36,18 @@ def _check_int(op: str, name: str, value) -> int:
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}") from None
 
 
-def _check_pair(op: str, x, y, nx: str, ny: str) -> None:
-    for value, name in ((x, nx), (y, ny)):
+def _check_dense(op: str, *named) -> None:
+    """Each ``(value, name)`` is a dense torch.Tensor."""
+    for value, name in named:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
         if value.layout != torch.strided:
             raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {value.layout}")
+
+
+def _check_pair(op: str, x, y, nx: str, ny: str) -> None:
+    _check_dense(op, (x, nx), (y, ny))
+    for value, name in ((x, nx), (y, ny)):
         if value.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be float32, float64, float16 or bfloat16, "
                             f"got {value.dtype}")
@@ -81,11 +87,7 @@ def check_channel_dot(a, b, dim, per_sample) -> int:
 def check_channel_scale(x, scale, dim, per_sample) -> int:
     """Validates channel_scale arguments; returns ``dim`` normalised to ``[0, x.dim())``."""
     op = "channel_scale"
-    for value, name in ((x, "x"), (scale, "scale")):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.layout != torch.strided:
-            raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {value.layout}")
+    _check_dense(op, (x, "x"), (scale, "scale"))
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if scale.dtype != x.dtype:
@@ -276,3 +278,33 @@ def check_gather_indices_data(tensors, dims, indices) -> None:
                                    f"min {lo}, max {hi}")
 
 
+
+
+def _check_int_list(op: str, name: str, value) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise TypeError(f"{op}: {name} must be a list of two ints, got {value!r}")
+    return tuple(_check_int(op, name, v) for v in value)
+
+
+def check_conv2d_sq_grad_sums(x, g, kernel_size, stride, padding, dilation) -> tuple:
+    """Validates conv2d_sq_grad_sums arguments; returns ``(kernel_size, stride, padding, dilation)`` as
+    tuples of two ints."""
+    op = "conv2d_sq_grad_sums"
+    _check_dense(op, (x, "x"), (g, "g"))
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: x must be float32 or float64, got {x.dtype}")
+    if g.dtype != x.dtype:
+        raise TypeError(f"{op}: x and g must have the same dtype, got {x.dtype} and {g.dtype}")
+    if x.device != g.device:
+        raise ValueError(f"{op}: x and g must be on the same device, got {x.device} and {g.device}")
+    if x.dim() != 4 or g.dim() != 4:
+        raise ValueError(f"{op}: x and g must be 4-d (N, C, H, W) tensors, got {x.dim()}-d and {g.dim()}-d")
+    k, s, p, d = (_check_int_list(op, n, v) for n, v in (("kernel_size", kernel_size), ("stride", stride),
+                                                          ("padding", padding), ("dilation", dilation)))
+    if min(k + s + d) < 1 or min(p) < 0:
+        raise ValueError(f"{op}: kernel_size, stride and dilation must be >= 1 and padding >= 0")
+    out = tuple((x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+    if g.shape[0] != x.shape[0] or tuple(g.shape[2:]) != out:
+        raise ValueError(f"{op}: g must have shape ({x.shape[0]}, Co, {out[0]}, {out[1]}) for x of shape "
+                         f"{tuple(x.shape)} and this convolution, got {tuple(g.shape)}")
+    return k, s, p, d

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 
-from ._checks import (check_channel_dot, check_channel_scale, check_csr, check_csr_reduce, check_gather_channels,
+from ._checks import (check_channel_dot, check_channel_scale, check_conv2d_sq_grad_sums, check_csr, check_csr_reduce, check_gather_channels,
                       check_weight_channel_sums, result_dtype)
 
 
@@ -49,3 +49,8 @@ def gather_channels_fake(tensors, dims, indices):
 def channel_scale_fake(x, scale, dim, per_sample=False):
     check_channel_scale(x, scale, dim, per_sample)
     return torch.empty_like(x)
+
+
+def conv2d_sq_grad_sums_fake(x, g, kernel_size, stride, padding, dilation):
+    k, _, _, _ = check_conv2d_sq_grad_sums(x, g, kernel_size, stride, padding, dilation)
+    return x.new_empty((g.shape[1], x.shape[1]) + k)

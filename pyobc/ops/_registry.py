@@ -93,6 +93,13 @@ OPS: tuple[OpSpec, ...] = (
         backward=_autograd.channel_scale_backward,
     ),
     OpSpec(
+        name="conv2d_sq_grad_sums",
+        schema="conv2d_sq_grad_sums(Tensor x, Tensor g, int[] kernel_size, int[] stride, int[] padding, "
+               "int[] dilation) -> Tensor",
+        reference=reference.conv2d_sq_grad_sums,
+        fake=_fakes.conv2d_sq_grad_sums_fake,
+    ),
+    OpSpec(
         name="gather_channels",
         schema="gather_channels(Tensor[] tensors, int[] dims, Tensor[] indices) -> Tensor[]",
         reference=reference.gather_channels,

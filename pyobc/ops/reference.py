@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._checks import (accumulate_dtype, check_channel_dot, check_channel_scale, check_csr, check_csr_data, check_csr_reduce,
+from ._checks import (accumulate_dtype, check_channel_dot, check_channel_scale, check_conv2d_sq_grad_sums, check_csr, check_csr_data, check_csr_reduce,
                       check_gather_channels, check_gather_indices_data, check_weight_channel_sums, result_dtype)
 
 
@@ -104,3 +104,28 @@ def channel_scale(x: torch.Tensor, scale: torch.Tensor, dim: int, per_sample: bo
         shape[0] = x.shape[0]
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     return (x.to(compute) * scale.to(compute).reshape(shape)).to(x.dtype)
+
+
+#: bytes of one chunk of samples in :func:`conv2d_sq_grad_sums` (a sample's weight gradient, input and
+#: output gradient): the L2 of one core of the machines we measured on; larger chunks spill and the
+#: grouped convolution falls off a cliff (bench/RESULTS.md, issue #15)
+SQ_CHUNK_BYTES = 2**20
+
+
+def conv2d_sq_grad_sums(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation):
+    """``sum_n (dL_n/dW)^2`` by grouped weight-gradient convolutions over chunks of samples (the samples
+    become groups), squared and summed in the input's dtype (the terms are non-negative: nothing cancels).
+    """
+    k, s, p, d = check_conv2d_sq_grad_sums(x, g, kernel_size, stride, padding, dilation)
+    n, c, co = x.shape[0], x.shape[1], g.shape[1]
+    shape = (co, c) + k
+    es = x.element_size()
+    step = max(1, SQ_CHUNK_BYTES // max(1, es * (co * c * k[0] * k[1] + x[0].numel() + g[0].numel())))
+    total = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    for i in range(0, n, step):
+        xs, gs = x[i:i + step], g[i:i + step]
+        m = xs.shape[0]
+        gw = torch.nn.grad.conv2d_weight(xs.reshape(1, m * c, *xs.shape[2:]), (m * co, c) + k,
+                                         gs.reshape(1, m * co, *gs.shape[2:]), s, p, d, m)
+        total += gw.view(m, *shape).square().sum(0)
+    return total

@@ -37,7 +37,15 @@ MEMORY_BUDGET = 256 * 2**20
 #: gradient. A chunk must stay in one core's L2 cache (1 MiB on the EPYC hosts we measure on): the grouped
 #: weight-gradient convolution is 1.7x (2 threads) to 2.3x (1 thread) slower over ResNet-20's convs when
 #: the chunk spills (bench/RESULTS.md, issue #15). Whole-batch calls also allocated fresh pages every time.
-CHUNK_BYTES = 2**20
+#: (The same budget as the reference kernel of :func:`pyobc.ops.conv2d_sq_grad_sums`.)
+CHUNK_BYTES = ops.reference.SQ_CHUNK_BYTES
+
+#: 2-D convs (groups 1, one call) with at most this many output positions per sample, or whose weight
+#: gradient alone fills a chunk, on CPU, get their squared sums from :func:`pyobc.ops.conv2d_sq_grad_sums`
+#: (one sample per thread at a time, a BLAS product each). Against the grouped convolution in chunks,
+#: batch 64 (bench/RESULTS.md, issue #15): 1.6x faster at 64 positions (64 channels), 3x at 16 (128),
+#: 2.5x at 49 (512, batch 32); 0.8x at 256 positions and 0.45-0.8x at 1024, so those keep the chunks.
+KERNEL_POSITIONS = 64
 
 #: conv/linear layers with at most this many output positions per sample (summed over their calls) get
 #: their squared sums from pairs of positions, one GEMM without per-sample gradients
@@ -243,6 +251,31 @@ def _pair_sums(module: nn.Module, calls: list[tuple[Record, list]],
     return out
 
 
+def _kernel_sums(module: nn.Module, calls: list[tuple[Record, list]],
+                 only: Collection[str] | None) -> dict[str, torch.Tensor] | None:
+    """Unscaled squared sums of a CPU 2-D conv from :func:`pyobc.ops.conv2d_sq_grad_sums`; None where the
+    op does not apply (other layers, groups, several calls, CUDA: the grouped convolution of cuDNN has not
+    been measured against it) or is slower (see :data:`KERNEL_POSITIONS`)."""
+    if not (isinstance(module, nn.Conv2d) and module.groups == 1 and _closed_form_ok(module) and len(calls) == 1
+            and (only is None or set(only) <= {"weight", "bias"})):
+        return None
+    rec, grads = calls[0]
+    x, g = rec.x, grads[0]
+    if (g is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or g.dtype != x.dtype or x.dim() != 4):
+        return None
+    positions = g.shape[2] * g.shape[3]
+    if positions > KERNEL_POSITIONS and _closed_form_step(module, calls, _param_bytes(module, only)) > 1:
+        return None
+    out = {}
+    if only is None or "weight" in only:
+        out["weight"] = ops.conv2d_sq_grad_sums(x.detach(), g.detach(), module.kernel_size, module.stride,
+                                                module.padding, module.dilation)
+    if module.bias is not None and (only is None or "bias" in only):
+        out["bias"] = g.detach().sum((2, 3)).square().sum(0)
+    return out
+
+
 def _conv_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients of a zero-padded conv: the samples become extra groups."""
     n = x.shape[0]
@@ -400,10 +433,13 @@ def sq_grad_sums(module: nn.Module, calls: list[tuple[Record, list]], scale: flo
 
     Several calls of one module in a forward pass are added per sample before squaring. Conv and linear
     layers with few output positions per sample (a linear layer on 2-D inputs: one) never form
-    per-sample gradients (:mod:`~pyobc.scoring.position_pairs`); the others form them in chunks of
-    samples (:data:`CHUNK_BYTES`).
+    per-sample gradients (:mod:`~pyobc.scoring.position_pairs`); 2-D convs with up to
+    :data:`KERNEL_POSITIONS` positions take them one sample per thread in a compiled op; the others form
+    them in chunks of samples (:data:`CHUNK_BYTES`).
     """
     total = _pair_sums(module, calls, only)
+    if total is None:
+        total = _kernel_sums(module, calls, only)
     if total is None:
         total = {}
         for sl in _sq_chunks(module, calls, only):
