@@ -18,10 +18,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.autograd import forward_ad
 
 from .. import ops
-from ..ops.second_order import served_out_of_place
+from ..ops.second_order import make_dual, served_out_of_place, unpack_dual
 
 __all__ = ["unit_gate", "plus_eps", "dual_channel_dot", "UnitGateSites"]
 
@@ -38,24 +37,24 @@ def channel_view(vec: torch.Tensor, like: torch.Tensor, dim: int, per_sample: bo
 def dual_channel_dot(grad: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     """``channel_dot(grad, y)``; for dual ``grad`` / ``y`` (forward-over-reverse) with its tangent
     ``channel_dot(grad_t, y) + channel_dot(grad, y_t)`` (the fused op has no forward-mode formula)."""
-    g, g_t = forward_ad.unpack_dual(grad)
-    v, v_t = forward_ad.unpack_dual(y)
+    g, g_t = unpack_dual(grad)
+    v, v_t = unpack_dual(y)
     out = ops.channel_dot(g, v, dim)
     if g_t is None and v_t is None:
         return out
     tangent = ops.channel_dot(g_t, v, dim) if g_t is not None else torch.zeros_like(out)
     if v_t is not None:
         tangent = tangent + ops.channel_dot(g, v_t, dim)
-    return forward_ad.make_dual(out, tangent)
+    return make_dual(out, tangent)
 
 
 def plus_eps(y: torch.Tensor, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
     """``y (1 + eps) - eps * bias`` at ``eps = 0`` for a forward-mode ``eps`` with tangent 1, as far as
     the forward pass goes: ``y`` itself with the tangent ``y_t + y - bias``. The reverse pass's
     ``(1 + eps)`` is :func:`unit_gate`'s (``eps=True``), which must follow."""
-    primal, tangent = forward_ad.unpack_dual(y)
+    primal, tangent = unpack_dual(y)
     shift = primal.detach() if bias is None else primal.detach() - channel_view(bias, primal, dim)
-    return forward_ad.make_dual(primal, shift if tangent is None else tangent.detach() + shift)
+    return make_dual(primal, shift if tangent is None else tangent.detach() + shift)
 
 
 class _UnitGate(torch.autograd.Function):
@@ -80,8 +79,8 @@ class _UnitGate(torch.autograd.Function):
         (y,) = ctx.saved_tensors
         gate_grad = dual_channel_dot(grad, y, ctx.dim) if ctx.needs_input_grad[1] else None
         if ctx.eps:
-            g, g_t = forward_ad.unpack_dual(grad)
-            grad = forward_ad.make_dual(g, g if g_t is None else g_t + g)
+            g, g_t = unpack_dual(grad)
+            grad = make_dual(g, g if g_t is None else g_t + g)
         return grad, None if gate_grad is None else gate_grad.to(ctx.gate_dtype), None, None, None
 
     @staticmethod
