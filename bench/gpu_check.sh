@@ -75,9 +75,10 @@ step "op tests"
 if (( dry )); then
   # a few: CI's pytest runs them all; this checks the step itself
   tests=("tests/test_ops.py::test_opcheck[0]" "tests/test_ops.py::test_opcheck[9]" tests/test_ops.py::test_opcheck_sample_count
-         tests/test_ops.py::test_conv_input_only_skips_the_weight_term_of_double_backward)
+         tests/test_ops.py::test_conv_input_only_skips_the_weight_term_of_double_backward
+         tests/test_conv2d_sq_grad_sums.py::test_direct_op_call_checks_in_cpp)
 else
-  tests=(tests/test_ops.py tests/test_ops_properties.py)
+  tests=(tests/test_ops.py tests/test_ops_properties.py tests/test_conv2d_sq_grad_sums.py)
 fi
 python -m pytest -q -p no:cacheprovider -x "${tests[@]}" 2>&1 | tail -5 | tee -a "$log"
 summary+=("op tests: $(tail -1 "$log")")
@@ -85,7 +86,8 @@ summary+=("op tests: $(tail -1 "$log")")
 step "compute-sanitizer on the CUDA kernel tests"
 if (( !dry )) && command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 1 \
-    python -m pytest -q -p no:cacheprovider -x tests/test_ops.py -k cuda 2>&1 | tail -5 | tee -a "$log"
+    python -m pytest -q -p no:cacheprovider -x tests/test_ops.py tests/test_conv2d_sq_grad_sums.py -k cuda 2>&1 \
+      | tail -5 | tee -a "$log"
   summary+=("compute-sanitizer memcheck: $(tail -1 "$log")")
 else
   echo "skipped (dry run, or compute-sanitizer not on PATH)" | tee -a "$log"

@@ -313,7 +313,7 @@ def conv2d_sq_grad_sums(x: torch.Tensor, g: torch.Tensor, kernel_size, stride=(1
     patch rows ``P_n`` (L, C*kh*kw). The CPU kernel forms one sample's at a time per thread (patch
     rows copied into a buffer of the thread, one BLAS product, squares added to the thread's sums),
     so nothing of size N x weight exists and the work splits over threads by samples; on layers
-    with few output positions that is 1.3-3.5x faster than the grouped weight-gradient convolution
+    with few output positions that is 1.2-3.5x faster than the grouped weight-gradient convolution
     the reference runs (``bench/bench_ops.py``). The CUDA kernel copies patch rows of a chunk of
     samples, multiplies them with one batched product (cuBLAS) and adds the squares.
 
