@@ -117,15 +117,22 @@ def conv2d_sq_grad_sums(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, p
     become groups), squared and summed in the input's dtype (the terms are non-negative: nothing cancels).
     """
     k, s, p, d = check_conv2d_sq_grad_sums(x, g, kernel_size, stride, padding, dilation)
-    n, c, co = x.shape[0], x.shape[1], g.shape[1]
-    shape = (co, c) + k
+    shape = (g.shape[1], x.shape[1]) + k
     es = x.element_size()
-    step = max(1, SQ_CHUNK_BYTES // max(1, es * (co * c * k[0] * k[1] + x[0].numel() + g[0].numel())))
+    step = max(1, SQ_CHUNK_BYTES // max(1, es * (math.prod(shape) + x[0].numel() + g[0].numel())))
     total = torch.zeros(shape, dtype=x.dtype, device=x.device)
-    for i in range(0, n, step):
-        xs, gs = x[i:i + step], g[i:i + step]
-        m = xs.shape[0]
-        gw = torch.nn.grad.conv2d_weight(xs.reshape(1, m * c, *xs.shape[2:]), (m * co, c) + k,
-                                         gs.reshape(1, m * co, *gs.shape[2:]), s, p, d, m)
-        total += gw.view(m, *shape).square().sum(0)
+    for i in range(0, x.shape[0], step):
+        total += per_sample_conv_weight_grads(x[i:i + step], g[i:i + step], shape, s, p, d).square().sum(0)
     return total
+
+
+def per_sample_conv_weight_grads(x: torch.Tensor, g: torch.Tensor, weight_shape, stride, padding, dilation,
+                                 groups: int = 1) -> torch.Tensor:
+    """``(N, *weight_shape)``: each sample's weight gradient of a zero-padded 1-3 d convolution, from its
+    input ``x`` and output gradient ``g``, as one grouped weight-gradient convolution (the samples become
+    extra groups)."""
+    n = x.shape[0]
+    fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}[x.dim() - 2]
+    gw = fn(x.reshape(1, -1, *x.shape[2:]), (n * weight_shape[0],) + tuple(weight_shape[1:]),
+            g.reshape(1, -1, *g.shape[2:]), stride, padding, dilation, groups * n)
+    return gw.view(n, *weight_shape)

@@ -277,13 +277,9 @@ def _kernel_sums(module: nn.Module, calls: list[tuple[Record, list]],
 
 
 def _conv_weight_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients of a zero-padded conv: the samples become extra groups."""
-    n = x.shape[0]
-    fn = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}[x.dim() - 2]
-    w_shape = (n * module.out_channels,) + tuple(module.weight.shape[1:])
-    gw = fn(x.reshape(1, -1, *x.shape[2:]), w_shape, g.reshape(1, -1, *g.shape[2:]),
-            module.stride, module.padding, module.dilation, module.groups * n)
-    return gw.view(n, *module.weight.shape)
+    """Per-sample weight gradients of a zero-padded conv (:func:`~pyobc.ops.reference.per_sample_conv_weight_grads`)."""
+    return ops.reference.per_sample_conv_weight_grads(x, g, module.weight.shape, module.stride, module.padding,
+                                                      module.dilation, module.groups)
 
 
 def _closed_form_ok(module: nn.Module) -> bool:
