@@ -10,6 +10,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -562,18 +563,38 @@ inline std::vector<int64_t> check_gather_args(const std::vector<Tensor>& tensors
   return out;
 }
 
+// Row-major strides of `shape` (a zero-size dim counts as 1, as torch's contiguous strides do).
+inline std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& shape) {
+  std::vector<int64_t> strides(shape.size());
+  int64_t st = 1;
+  for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
+    strides[d] = st;
+    st *= std::max<int64_t>(shape[d], 1);
+  }
+  return strides;
+}
+
+// A contiguous tensor of `shape` over memory the caller owns and keeps alive (no copy), with the
+// device and dtype of `like`.
+inline Tensor contiguous_blob(void* data, const std::vector<int64_t>& shape, const Tensor& like) {
+  return torch::stable::from_blob(data, shape, contiguous_strides(shape), like.device(), like.scalar_type());
+}
+
+// out = op(a, b) for a matrix product with an out= overload ("aten::mm", "aten::bmm"), through the
+// dispatcher (BLAS / cuBLAS), writing into out's memory.
+inline void matmul_into(const char* op, const Tensor& a, const Tensor& b, const Tensor& out) {
+  namespace sd = torch::stable::detail;
+  std::array<StableIValue, 3> stack{sd::from(a), sd::from(b), sd::from(out)};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, "out", stack.data(), TORCH_ABI_VERSION));
+}
+
 // A new contiguous tensor on the device of `like`, allocated through the stable C shim directly
 // (aoti_torch_empty_strided: no boxed dispatcher call, which matters when an op makes hundreds of
 // outputs).
 inline Tensor new_output(const std::vector<int64_t>& shape, ScalarType dtype,
                          const Tensor& like) {
   const int64_t nd = static_cast<int64_t>(shape.size());
-  std::vector<int64_t> strides(shape.size());
-  int64_t st = 1;
-  for (int64_t d = nd - 1; d >= 0; --d) {
-    strides[d] = st;
-    st *= std::max<int64_t>(shape[d], 1);
-  }
+  const std::vector<int64_t> strides = contiguous_strides(shape);
   namespace sd = torch::stable::detail;
   const auto device = like.device();
   AtenTensorHandle handle = nullptr;

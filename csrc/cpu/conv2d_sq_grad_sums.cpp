@@ -13,26 +13,12 @@
 // last step permutes them to the weight's (c, ky, kx).
 #include "../common.h"
 
-#include <array>
 #include <vector>
 
 namespace pyobc {
 namespace {
 
-namespace sd = torch::stable::detail;
-
 constexpr int64_t kTaskBytes = int64_t(256) << 20;
-
-// out = a @ b by the dispatcher's mm (BLAS), into out's memory.
-void mm_into(const Tensor& a, const Tensor& b, const Tensor& out) {
-  std::array<StableIValue, 3> stack{sd::from(a), sd::from(b), sd::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
-}
-
-Tensor wrap(void* data, int64_t rows, int64_t cols, const Tensor& like) {
-  return torch::stable::from_blob(data, {rows, cols}, {cols, 1}, like.device(), like.scalar_type());
-}
 
 // Patch rows of one sample: rows[l, (ky * kw + kx) * C + c] = x[c, iy, ix] (0 in the padding),
 // from the sample transposed to (H, W, C) in hwc.
@@ -70,26 +56,26 @@ PYOBC_DEFINE_LEAVES(double)
 
 template <typename T>
 void sq_sums_kernel(const Tensor& x, const Tensor& gout, const Conv2dGeom& g, T* out) {
-  // squares summed in the input's type, as the reference does: all terms are >= 0 (no cancellation)
-  using Acc = T;
   const int64_t L = g.L(), K = g.K(), CoK = g.Co * K;
   // a task holds its sums, one gradient, the patch rows and the transposed sample: at most kTaskBytes
   // for all tasks together (a 2048-channel 3x3 conv's sums alone are 151 MB per task), at least one task
   const int64_t task_bytes = (2 * CoK + L * K + g.C * g.H * g.W) * static_cast<int64_t>(sizeof(T));
   const int64_t tasks = std::max<int64_t>(
       1, std::min<int64_t>({g.N, static_cast<int64_t>(torch::stable::get_num_threads()), kTaskBytes / task_bytes}));
-  std::vector<Acc> acc(static_cast<size_t>(tasks * CoK), Acc(0));
+  // squares summed in the input's type, as the reference does: all terms are >= 0 (no cancellation)
+  std::vector<T> acc(static_cast<size_t>(tasks * CoK), T(0));
   const T* xp = x.const_data_ptr<T>();
   T* gp = const_cast<T*>(gout.const_data_ptr<T>());  // read only: the mm's input
   torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> hwc(static_cast<size_t>(g.C * g.H * g.W)), rows(static_cast<size_t>(L * K)),
         grad(static_cast<size_t>(CoK));
-    const Tensor rows_t = wrap(rows.data(), L, K, x), grad_t = wrap(grad.data(), g.Co, K, x);
+    const Tensor rows_t = contiguous_blob(rows.data(), {L, K}, x);
+    const Tensor grad_t = contiguous_blob(grad.data(), {g.Co, K}, x);
     for (int64_t task = begin; task < end; ++task) {
-      Acc* a = acc.data() + task * CoK;
+      T* a = acc.data() + task * CoK;
       for (int64_t n = g.N * task / tasks; n < g.N * (task + 1) / tasks; ++n) {
         patch_rows(xp + n * g.C * g.H * g.W, g, hwc.data(), rows.data());
-        mm_into(wrap(gp + n * g.Co * L, g.Co, L, x), rows_t, grad_t);
+        matmul_into("aten::mm", contiguous_blob(gp + n * g.Co * L, {g.Co, L}, x), rows_t, grad_t);
         add_squares(a, grad.data(), CoK);
       }
     }
@@ -99,9 +85,9 @@ void sq_sums_kernel(const Tensor& x, const Tensor& gout, const Conv2dGeom& g, T*
   for (int64_t o = 0; o < g.Co; ++o)
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t c = 0; c < g.C; ++c) {
-        Acc v = 0;
+        T v = 0;
         for (int64_t task = 0; task < tasks; ++task) v += acc[task * CoK + o * K + t * g.C + c];
-        out[(o * g.C + c) * taps + t] = static_cast<T>(v);
+        out[(o * g.C + c) * taps + t] = v;
       }
 }
 

@@ -9,13 +9,10 @@
 // the chunk's samples (coalesced: consecutive threads read consecutive weights).
 #include "cuda_common.cuh"
 
-#include <array>
-
 namespace pyobc {
 namespace {
 
 using namespace cuda;
-namespace sd = torch::stable::detail;
 
 constexpr int64_t kChunkBytes = int64_t(256) << 20;
 
@@ -49,23 +46,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-Tensor blob(const Tensor& like, void* data, std::vector<int64_t> sizes) {
-  std::vector<int64_t> strides(sizes.size());
-  int64_t st = 1;
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
-    strides[d] = st;
-    st *= sizes[d];
-  }
-  return torch::stable::from_blob(data, sizes, strides, like.device(), like.scalar_type());
-}
-
-// out = a @ b (batched) by the dispatcher's bmm (cuBLAS), into out's memory.
-void bmm_into(const Tensor& a, const Tensor& b, const Tensor& out) {
-  std::array<StableIValue, 3> stack{sd::from(a), sd::from(b), sd::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      torch_call_dispatcher("aten::bmm", "out", stack.data(), TORCH_ABI_VERSION));
-}
-
 Tensor conv2d_sq_grad_sums_cuda(Tensor x, Tensor g, std::vector<int64_t> kernel_size,
                                 std::vector<int64_t> stride, std::vector<int64_t> padding,
                                 std::vector<int64_t> dilation) {
@@ -92,8 +72,9 @@ Tensor conv2d_sq_grad_sums_cuda(Tensor x, Tensor g, std::vector<int64_t> kernel_
           static_cast<const T*>(x.const_data_ptr()), geo, n0, items, static_cast<T*>(rows.mutable_data_ptr()));
       STD_CUDA_KERNEL_LAUNCH_CHECK();
       T* gp = static_cast<T*>(g.mutable_data_ptr()) + n0 * geo.Co * L;  // read only: bmm's input
-      bmm_into(blob(x, gp, {m, geo.Co, L}), blob(x, rows.mutable_data_ptr(), {m, L, K}),
-               blob(x, grads.mutable_data_ptr(), {m, geo.Co, K}));
+      matmul_into("aten::bmm", contiguous_blob(gp, {m, geo.Co, L}, x),
+                  contiguous_blob(rows.mutable_data_ptr(), {m, L, K}, x),
+                  contiguous_blob(grads.mutable_data_ptr(), {m, geo.Co, K}, x));
       add_squares_kernel<T><<<grid_for_items(CoK, kThreads, l), kThreads, 0, l.stream>>>(
           static_cast<const T*>(grads.const_data_ptr()), m, CoK, static_cast<T*>(out.mutable_data_ptr()));
       STD_CUDA_KERNEL_LAUNCH_CHECK();

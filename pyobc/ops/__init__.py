@@ -340,15 +340,14 @@ def conv2d_sq_grad_sums(x: torch.Tensor, g: torch.Tensor, kernel_size, stride=(1
         >>> torch.allclose(s, per_sample.square().sum(0), rtol=1e-4)
         True
     """
-    args = (x, g, list(kernel_size), list(stride), list(padding), list(dilation)) if all(
-        isinstance(v, (list, tuple)) for v in (kernel_size, stride, padding, dilation)) else None
-    if args is None:
-        check_conv2d_sq_grad_sums(x, g, kernel_size, stride, padding, dilation)  # raises the TypeError
+    pairs = (kernel_size, stride, padding, dilation)
+    if not all(isinstance(v, (list, tuple)) for v in pairs):
+        check_conv2d_sq_grad_sums(x, g, *pairs)  # raises the TypeError
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, g)):
         raise RuntimeError("conv2d_sq_grad_sums is not differentiable: pass detached tensors (x.detach(), "
                            "g.detach())")
-    return _registry.call(torch.ops.pyobc.conv2d_sq_grad_sums.default, args, (x, g),
-                          lambda: check_conv2d_sq_grad_sums(x, g, kernel_size, stride, padding, dilation))
+    return _registry.call(torch.ops.pyobc.conv2d_sq_grad_sums.default, (x, g, *map(list, pairs)), (x, g),
+                          lambda: check_conv2d_sq_grad_sums(x, g, *pairs))
 
 
 def backend_report() -> dict:
