@@ -58,6 +58,15 @@ def _flat(out: Any) -> list[Any]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
+def _stand_in(value: Any) -> Any:
+    """``value`` with every tensor replaced by a meta-device tensor of its shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_stand_in(v) for v in value)
+    return value
+
+
 def _clone(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()
@@ -74,6 +83,13 @@ class Capture:
     Modules in ``protect`` get their inputs and outputs cloned when recorded, so later in-place ops
     modify the copy the network goes on with, not the record.
 
+    With ``on_output``, each call's first tensor output that needs grad is passed to
+    ``on_output(name, call, output)`` when it is recorded (to register a gradient hook on it), and the
+    record keeps meta-device stand-ins of the outputs (shapes and dtypes), not the outputs: an output that
+    the backward does not save (a norm layer's, before a ReLU) is then freed as in a plain forward, instead
+    of being held, with fresh pages for the next, to the end of the pass. In-place changes of the outputs
+    are then not checked (the hook still receives the gradient of the value it was registered on).
+
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
         >>> with Capture({"0": net[0]}) as cap:
@@ -82,9 +98,11 @@ class Capture:
         torch.Size([2, 4])
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], protect: Iterable[str] = ()):
+    def __init__(self, modules: Mapping[str, nn.Module], protect: Iterable[str] = (),
+                 on_output: Callable[[str, int, torch.Tensor], Any] | None = None):
         self.modules = dict(modules)
         self.protect = set(protect)
+        self.on_output = on_output
         self.records: dict[str, list[Record]] = {name: [] for name in self.modules}
         self._handles: list[Any] = []
 
@@ -113,6 +131,10 @@ class Capture:
             if name in self.protect:
                 ret = _clone(output)  # the network continues with the clone
             rec = Record(tuple(args), dict(kwargs), rec_out, ())
+            if self.on_output is not None:
+                if isinstance(rec.y, torch.Tensor) and rec.y.requires_grad:
+                    self.on_output(name, len(self.records[name]), rec.y)
+                rec.output = _stand_in(rec_out)
             rec.versions = tuple(t._version for t in rec.tensors())
             self.records[name].append(rec)
             return ret

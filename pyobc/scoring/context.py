@@ -214,14 +214,17 @@ class Context:
 
     def capture_forward(self, batch: Batch, modules: Mapping[str, nn.Module],
                         params: Mapping[str, torch.Tensor] | None = None,
-                        outputs: list | None = None) -> tuple[torch.Tensor, Capture]:
-        """Run :meth:`loss` while recording the calls of ``modules`` (see :class:`Capture`).
+                        outputs: list | None = None,
+                        on_output: Callable[[str, int, torch.Tensor], Any] | None = None,
+                        ) -> tuple[torch.Tensor, Capture]:
+        """Run :meth:`loss` while recording the calls of ``modules`` (see :class:`Capture`, also for
+        ``on_output``).
 
         If a later in-place op overwrote a record, the batch is run again with those modules' tensors
         cloned, and they stay protected for the following batches.
         """
         for _ in range(2):
-            cap = Capture(modules, protect=self._protect & set(modules))
+            cap = Capture(modules, protect=self._protect & set(modules), on_output=on_output)
             out_list: list = [] if outputs is not None else None
             with cap:
                 loss = self.loss(batch, params, out_list)

@@ -92,13 +92,9 @@ class PerSamplePass:
             return t + probe.to(t.dtype)  # a non-leaf: in-place ops of the model on its inputs still work
 
         batch = Batch(map_tensors(feed, self.batch.data), self.batch.size, self.batch.index)
-        self.loss, self.capture = ctx.capture_forward(batch, watch)
-        outs = self.capture.outputs()
-        served = self._by_module(self.params)
-        waiting = {name: sum(1 for n, _, _ in outs if n == name) for name in served}  # calls still to come
-        keys = [(name, k) for name, k, _ in outs]
         sums: dict[str, torch.Tensor] = {}
         done: set[str] = set()  # modules served
+        hooked: dict[tuple[str, int], torch.utils.hooks.RemovableHandle] = {}  # calls whose gradient will come
 
         def finish(name: str) -> None:
             done.add(name)
@@ -111,21 +107,29 @@ class PerSamplePass:
             self.capture.records[name] = []
 
         def arrived(name: str, k: int, g: torch.Tensor) -> None:
-            if name in done or (name, k) in self.grad_out:  # already served (a later backward)
+            if name not in waiting or name in done or (name, k) in self.grad_out:  # not served, or already
                 return
             self.grad_out[(name, k)] = g
             waiting[name] -= 1
             if waiting[name] == 0:
                 finish(name)
 
-        handles = [y.register_hook(lambda g, name=name, k=k: arrived(name, k, g))
-                   for name, k, y in outs if name in served]
-        del outs  # the recorded outputs must not outlive their records
+        def hook(name: str, k: int, y: torch.Tensor) -> None:
+            # hooked while recorded, so that the record need not hold the output (see Capture's on_output)
+            hooked[(name, k)] = y.register_hook(lambda g: arrived(name, k, g))
+
+        self.loss, self.capture = ctx.capture_forward(batch, watch, on_output=hook if floats[0] else None)
+        served = self._by_module(self.params)
+        if floats[0]:
+            keys = [key for key in hooked if key[0] in served]
+        else:  # no backward to hook: every gradient comes from _missed_gradients
+            keys = [(n, k) for n, k, _ in self.capture.outputs() if n in served]
+        waiting = {name: sum(1 for n, _ in keys if n == name) for name in served}  # calls still to come
         try:
             if floats[0]:  # the graph is freed as the backward goes, like a plain backward's
                 torch.autograd.grad(self.loss, probe, allow_unused=True)
         finally:
-            for h in handles:
+            for h in hooked.values():
                 h.remove()
         missing = {name for name, _ in keys if name in served and name not in done}
         if missing:
