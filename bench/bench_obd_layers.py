@@ -1,7 +1,7 @@
 """OBD's squared per-sample gradient sums of one 3x3 conv, by each path, side by side.
 
 For each layer shape: the per-sample path (grouped weight-gradient convolutions over chunks of samples,
-``per_sample.CHUNK_BYTES``), the pair-of-positions path (``position_pairs``), both through
+``ops.reference.sq_chunk_samples``), the pair-of-positions path (``position_pairs``), both through
 ``per_sample.sq_grad_sums`` with the pair threshold forced, and, for scale, one batched weight gradient. Medians over ``--repeats`` alternating rounds; the two paths' results are
 checked against each other. Which path ``sq_grad_sums`` takes is marked with ``*``.
 

@@ -1,4 +1,4 @@
-"""OBD's squared per-sample gradient sums formed in chunks of samples (``per_sample.CHUNK_BYTES``).
+"""OBD's squared per-sample gradient sums formed in chunks of samples (``ops.reference.SQ_CHUNK_BYTES``).
 
 The diagonal Fisher is compared with a Python loop of one-sample backward passes (plain autograd, float64),
 with the chunk size forced down so that every conv/linear layer is split into several chunks, the last one
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyobc
+from pyobc import ops
 from pyobc.scoring import per_sample
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -59,7 +60,7 @@ def test_chunked_sq_grad_sums_match_per_sample_loop(monkeypatch, chunk_bytes):
     y = torch.randint(0, 3, (7,))
     calls = []
     original = per_sample._conv_weight_grads
-    monkeypatch.setattr(per_sample, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(ops.reference, "SQ_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(per_sample, "_conv_weight_grads", lambda m, a, g: calls.append(a.shape[0]) or original(m, a, g))
     scores = pyobc.score(model, [(x, y)], "obd", granularity="weight")
     assert max(calls) < x.shape[0] and sum(calls) % x.shape[0] == 0, calls  # the batch really was split

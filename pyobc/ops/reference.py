@@ -106,10 +106,22 @@ def channel_scale(x: torch.Tensor, scale: torch.Tensor, dim: int, per_sample: bo
     return (x.to(compute) * scale.to(compute).reshape(shape)).to(x.dtype)
 
 
-#: bytes of one chunk of samples in :func:`conv2d_sq_grad_sums` (a sample's weight gradient, input and
-#: output gradient): the L2 of one core of the machines we measured on; larger chunks spill and the
-#: grouped convolution falls off a cliff (bench/RESULTS.md, issue #15)
-SQ_CHUNK_BYTES = 2**20
+#: a chunk of samples in :func:`conv2d_sq_grad_sums` (one grouped weight-gradient convolution) holds at
+#: most this many bytes of per-sample gradients (the convolution's output: one core's L2 on the machines we
+#: measured on) and at most :data:`SQ_CHUNK_BYTES` of gradients, inputs and output gradients together.
+#: Grouped convolutions get faster the more samples one call takes until their output spills: inside OBD
+#: on ResNet-20 (batch 64, 2 threads) its 16- and 32-channel convs on 32x32 and 16x16 maps took 3.57 /
+#: 2.77 / 1.95 ms with 1 MiB chunks of everything, 2.14 / 1.87 / 1.15 with 16 MiB; a 64-channel conv on
+#: 8x8 maps (147 KB of gradient a sample) took 5.3 ms with 1 MiB chunks, 9.8 with 16 MiB
+#: (bench/RESULTS.md, issue #15)
+SQ_GRAD_CHUNK_BYTES = 2**20
+SQ_CHUNK_BYTES = 16 * 2**20
+
+
+def sq_chunk_samples(grad_bytes: int, sample_bytes: int) -> int:
+    """Samples per grouped weight-gradient convolution for a layer whose per-sample gradient takes
+    ``grad_bytes`` and whose sample (gradient, input and output gradient) ``sample_bytes`` (at least 1)."""
+    return max(1, min(SQ_GRAD_CHUNK_BYTES // max(1, grad_bytes), SQ_CHUNK_BYTES // max(1, sample_bytes)))
 
 
 def conv2d_sq_grad_sums(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation):
@@ -119,7 +131,7 @@ def conv2d_sq_grad_sums(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, p
     k, s, p, d = check_conv2d_sq_grad_sums(x, g, kernel_size, stride, padding, dilation)
     shape = (g.shape[1], x.shape[1]) + k
     es = x.element_size()
-    step = max(1, SQ_CHUNK_BYTES // max(1, es * (math.prod(shape) + x[0].numel() + g[0].numel())))
+    step = sq_chunk_samples(es * math.prod(shape), es * (math.prod(shape) + x[0].numel() + g[0].numel()))
     total = torch.zeros(shape, dtype=x.dtype, device=x.device)
     for i in range(0, x.shape[0], step):
         total += per_sample_conv_weight_grads(x[i:i + step], g[i:i + step], shape, s, p, d).square().sum(0)

@@ -32,16 +32,14 @@ __all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows",
 #: bytes of per-sample gradients materialised at once; larger batches are processed in chunks
 MEMORY_BUDGET = 256 * 2**20
 
-#: bytes per chunk of samples in which :func:`sq_grad_sums` forms the per-sample gradients of conv and linear
-#: layers, counting what one sample's share touches: its weight gradient, the layer's input and its output
-#: gradient. A chunk must stay in one core's L2 cache (1 MiB on the EPYC hosts we measure on): the grouped
-#: weight-gradient convolution is 1.7x (2 threads) to 2.3x (1 thread) slower over ResNet-20's convs when
-#: the chunk spills (bench/RESULTS.md, issue #15). Whole-batch calls also allocated fresh pages every time.
-#: (The same budget as the reference kernel of :func:`pyobc.ops.conv2d_sq_grad_sums`.)
-CHUNK_BYTES = ops.reference.SQ_CHUNK_BYTES
 
-#: 2-D convs (groups 1, one call) with at most this many output positions per sample, or whose weight
-#: gradient alone fills a chunk, on CPU, get their squared sums from :func:`pyobc.ops.conv2d_sq_grad_sums`
+#: a conv/linear layer whose sample (weight gradient, input and output gradient) takes more than half of
+#: this, one core's L2 cache on the EPYC hosts we measure on, has "large samples": the path choices below
+#: were measured with it (:func:`_large_samples`)
+L2_BYTES = 2**20
+
+#: 2-D convs (groups 1, one call) with at most this many output positions per sample, or with large samples
+#: (:data:`L2_BYTES`), on CPU, get their squared sums from :func:`pyobc.ops.conv2d_sq_grad_sums`
 #: (one sample per thread at a time, a BLAS product each). Against the grouped convolution in chunks,
 #: batch 64 (bench/RESULTS.md, issue #15): 1.6x faster at 64 positions (64 channels), 3x at 16 (128),
 #: 2.5x at 49 (512, batch 32); 0.8x at 256 positions and 0.45-0.8x at 1024, so those keep the chunks.
@@ -49,8 +47,8 @@ KERNEL_POSITIONS = 64
 
 #: conv/linear layers with at most this many output positions per sample (summed over their calls) get
 #: their squared sums from pairs of positions, one GEMM without per-sample gradients
-#: (:mod:`~pyobc.scoring.position_pairs`); up to :data:`PAIR_POSITIONS_WHEN_ONE_SAMPLE` when one
-#: sample's weight gradient alone fills a chunk. Measured on 32-sample batches (bench/RESULTS.md): pairs
+#: (:mod:`~pyobc.scoring.position_pairs`); up to :data:`PAIR_POSITIONS_WHEN_ONE_SAMPLE` for layers with
+#: large samples (:data:`L2_BYTES`). Measured on 32-sample batches (bench/RESULTS.md): pairs
 #: win 25x at 1 position (512 channels), 1.8-4x at 4, 1.6x at 9 with 256 channels, and lose at 9 with
 #: 16-64 channels (0.6-0.8x) and at 16 positions (0.4x).
 PAIR_POSITIONS = 4
@@ -208,22 +206,34 @@ def _chunks(n: int, per_sample_bytes: int) -> list[slice]:
 
 
 def _sq_chunks(module: nn.Module, calls: list[tuple[Record, list]], only: Collection[str] | None) -> list[slice]:
-    """Sample chunks for :func:`sq_grad_sums`: :data:`CHUNK_BYTES` per chunk for conv/linear closed forms
+    """Sample chunks for :func:`sq_grad_sums`: :func:`_closed_form_step` for conv/linear closed forms
     (a sample's weight gradient plus its share of the layer's input and output gradient, the largest over
     the calls), :data:`MEMORY_BUDGET` otherwise (norms whose statistics span the batch, vmapped modules)."""
     n = calls[0][0].x.shape[_batch_dim(module)]
     grad_bytes = _param_bytes(module, only)
     if not (isinstance(module, CONV + (nn.Linear,)) and _closed_form_ok(module)):
         return _chunks(n, grad_bytes)
-    step = _closed_form_step(module, calls, grad_bytes)
+    step = _closed_form_step(calls, grad_bytes)
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _closed_form_step(module: nn.Module, calls: list[tuple[Record, list]], grad_bytes: int) -> int:
-    """Samples per chunk of a conv/linear layer's per-sample gradients (see :data:`CHUNK_BYTES`)."""
+def _sample_bytes(calls: list[tuple[Record, list]], grad_bytes: int) -> int:
+    """What one sample of a conv/linear layer touches: its weight gradient, input and output (largest call)."""
     act = max((sum(t[0].numel() * t.element_size() for t in (rec.x, rec.y)
                    if isinstance(t, torch.Tensor) and t.dim() > 0) for rec, _ in calls), default=0)
-    return max(1, min(MEMORY_BUDGET // max(1, grad_bytes), CHUNK_BYTES // max(1, grad_bytes + act)))
+    return grad_bytes + act
+
+
+def _closed_form_step(calls: list[tuple[Record, list]], grad_bytes: int) -> int:
+    """Samples per chunk of a conv/linear layer's per-sample gradients: as in the reference kernel of
+    :func:`pyobc.ops.conv2d_sq_grad_sums` (:func:`pyobc.ops.reference.sq_chunk_samples`)."""
+    return min(max(1, MEMORY_BUDGET // max(1, grad_bytes)),
+               ops.reference.sq_chunk_samples(grad_bytes, _sample_bytes(calls, grad_bytes)))
+
+
+def _large_samples(calls: list[tuple[Record, list]], grad_bytes: int) -> bool:
+    """Whether two samples of a conv/linear layer do not fit in :data:`L2_BYTES`."""
+    return 2 * _sample_bytes(calls, grad_bytes) > L2_BYTES
 
 
 def _pair_sums(module: nn.Module, calls: list[tuple[Record, list]],
@@ -238,8 +248,8 @@ def _pair_sums(module: nn.Module, calls: list[tuple[Record, list]],
     counts = [position_pairs.position_count(module, g) for _, g in reached]
     if not reached or None in counts:
         return None
-    one_sample = _closed_form_step(module, calls, _param_bytes(module, only)) == 1
-    if sum(counts) > (PAIR_POSITIONS_WHEN_ONE_SAMPLE if one_sample else PAIR_POSITIONS):
+    large = _large_samples(calls, _param_bytes(module, only))
+    if sum(counts) > (PAIR_POSITIONS_WHEN_ONE_SAMPLE if large else PAIR_POSITIONS):
         return None
     parts = [position_pairs.positions(module, rec.x.detach(), g) for rec, g in reached]
     out = {}
@@ -265,7 +275,7 @@ def _kernel_sums(module: nn.Module, calls: list[tuple[Record, list]],
             or g.dtype != x.dtype or x.dim() != 4):
         return None
     positions = g.shape[2] * g.shape[3]
-    if positions > KERNEL_POSITIONS and _closed_form_step(module, calls, _param_bytes(module, only)) > 1:
+    if positions > KERNEL_POSITIONS and not _large_samples(calls, _param_bytes(module, only)):
         return None
     out = {}
     if only is None or "weight" in only:
@@ -431,7 +441,7 @@ def sq_grad_sums(module: nn.Module, calls: list[tuple[Record, list]], scale: flo
     layers with few output positions per sample (a linear layer on 2-D inputs: one) never form
     per-sample gradients (:mod:`~pyobc.scoring.position_pairs`); 2-D convs with up to
     :data:`KERNEL_POSITIONS` positions take them one sample per thread in a compiled op; the others form
-    them in chunks of samples (:data:`CHUNK_BYTES`).
+    them in chunks of samples (:func:`_closed_form_step`).
     """
     total = _pair_sums(module, calls, only)
     if total is None:
