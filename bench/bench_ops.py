@@ -113,7 +113,7 @@ def cases(device="cpu"):
 
     def sq_sums(n, c, hw, stride=1):
         """conv2d_sq_grad_sums (3x3, padding 1) vs the reference's grouped weight-gradient convolution
-        in L2-sized chunks of samples (what OBD ran before the op)."""
+        in chunks of samples (``reference.sq_chunk_samples``: what OBD runs where the op is not routed)."""
         def build():
             gen = torch.Generator().manual_seed(3)
             co, ho = c * stride, (hw - 1) // stride + 1

@@ -32,7 +32,6 @@ __all__ = ["channel_dim", "per_sample_grads", "sq_grad_sums", "activation_rows",
 #: bytes of per-sample gradients materialised at once; larger batches are processed in chunks
 MEMORY_BUDGET = 256 * 2**20
 
-
 #: a conv/linear layer whose sample (weight gradient, input and output gradient) takes more than half of
 #: this, one core's L2 cache on the EPYC hosts we measure on, has "large samples": the path choices below
 #: were measured with it (:func:`_large_samples`)
