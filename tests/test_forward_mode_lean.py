@@ -52,6 +52,30 @@ def test_conv_jvp_matches_torch_and_runs_one_tangent_convolution(case):
     assert sum(e.name == "aten::_convolution" for e in prof.events()) == 2
 
 
+@pytest.mark.parametrize("case,channels_last",
+                         [(c, False) for c in CONVS] + [(c, True) for c in CONVS if len(c[1]) == 4],
+                         ids=lambda v: f"{v[0].__name__}-{v[1]}-g{v[6]}" if isinstance(v, tuple) else f"cl{v}")
+def test_conv_backward_on_dual_gradients_matches_torch(case, channels_last):
+    """Forward-over-reverse: the lean backward maps value and tangent of a dual gradient alike, also
+    for a channels-last input."""
+    func, in_shape, w_shape, *args = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(in_shape, dtype=torch.float64, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(w_shape, dtype=torch.float64, generator=g)
+    y = func(x, w, None, *args)
+    r, r_t = (torch.randn(y.shape, dtype=torch.float64, generator=g) for _ in range(2))
+    xr = x.detach().requires_grad_()
+    with forward_ad.dual_level():
+        out = lean.conv_input_only(func, xr, w, None, *args)
+        (gx,) = torch.autograd.grad(out, xr, grad_outputs=forward_ad.make_dual(r, r_t))
+        got, got_t = forward_ad.unpack_dual(gx)
+    want, want_t = (torch.autograd.grad(func(xr, w, None, *args), xr, grad_outputs=c)[0] for c in (r, r_t))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_jvp_keeps_torchs_formula_when_the_weight_has_a_tangent():
     x, w, tw = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
     with forward_ad.dual_level():
