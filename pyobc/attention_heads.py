@@ -11,9 +11,9 @@ projections so that :func:`pyobc.grouping.build_groups` can keep their groups ou
 
 Whole heads are pruned where pyobc knows the layout (:func:`head_layouts`, one :class:`HeadLayout` per
 module, see :func:`head_family`): timm's fused ``Attention`` (``qkv``/``proj``, ``num_heads``, ``head_dim``,
-``attn_dim``); Hugging Face Llama / Mistral / Qwen2 / Qwen3 (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
-``head_dim``, grouped-query attention through ``num_key_value_groups``); BERT (``query``/``key``/``value`` and
-the sibling ``output.dense``); GPT-2 (``Conv1D`` ``c_attn``/``c_proj``, ``split_size``). Those modules get a
+``attn_dim``); Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma / Phi (``q_proj``, ``k_proj``, ``v_proj``,
+``o_proj`` or Phi's ``dense``, ``head_dim``, grouped-query attention through ``num_key_value_groups``); BERT
+(``query``/``key``/``value`` and the sibling ``output.dense``); GPT-2 (``Conv1D`` ``c_attn``/``c_proj``, ``split_size``). Those modules get a
 group whose channels are whole heads (:func:`pyobc.grouping.build_groups`), and :func:`sync_heads` sets
 their head attributes from the cut widths; ``head_dim`` never changes, so rotary embeddings stay valid.
 
@@ -111,7 +111,7 @@ class HeadLayout:
     whose input columns hold the query heads. Query head ``h`` uses key/value head ``h // (num_heads //
     num_kv_heads)`` (grouped-query attention; ``num_kv_heads == num_heads`` without it). ``family`` says
     which module attributes follow a cut (:func:`sync_heads`): ``fused`` (timm's ``Attention``),
-    ``separate`` (Hugging Face Llama / Mistral / Qwen2 / Qwen3... ``q_proj``...``o_proj``), ``bert``
+    ``separate`` (Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi... ``q_proj``...``o_proj``/``dense``), ``bert``
     (``query``/``key``/``value``, with the output projection in the sibling ``output.dense``), ``gpt2``
     (``Conv1D`` ``c_attn``/``c_proj``).
     """
@@ -184,7 +184,8 @@ def head_family(module: nn.Module) -> str | None:
         return None  # per-head parameters of the module itself (attention sinks...) would not follow a cut
     kids = dict(module.named_children())
     linear = (lambda *names: all(type(kids.get(n)) is nn.Linear for n in names))
-    if linear("q_proj", "k_proj", "v_proj", "o_proj") and _int(getattr(module, "head_dim", None)):
+    if (linear("q_proj", "k_proj", "v_proj") and _separate_out(module) is not None
+            and _int(getattr(module, "head_dim", None))):
         return "separate"
     if linear("query", "key", "value") and _int(getattr(module, "attention_head_size", None)) \
             and _int(getattr(module, "num_attention_heads", None)):
@@ -199,6 +200,15 @@ def head_family(module: nn.Module) -> str | None:
     return None
 
 
+def _separate_out(module: nn.Module) -> str | None:
+    """The output projection's child name of a ``separate`` attention: ``o_proj`` (Llama, Mistral, Qwen...)
+    or ``dense`` (Phi), an ``nn.Linear`` either way."""
+    for child in ("o_proj", "dense"):
+        if type(getattr(module, child, None)) is nn.Linear:
+            return child
+    return None
+
+
 def _layout(name: str, module: nn.Module, parent: nn.Module | None) -> HeadLayout | None:
     """The module's :class:`HeadLayout` when its widths are consistent, else None."""
     family = head_family(module)
@@ -209,14 +219,14 @@ def _layout(name: str, module: nn.Module, parent: nn.Module | None) -> HeadLayou
         heads, dim = fused_head_layout(module)
         return HeadLayout(name, family, p("qkv"), p("qkv"), p("qkv"), p("proj"), heads, heads, dim)
     if family == "separate":
-        dim = module.head_dim
+        dim, out = module.head_dim, _separate_out(module)
         q, k, v, o = module.q_proj.out_features, module.k_proj.out_features, module.v_proj.out_features, \
-            module.o_proj.in_features
+            getattr(module, out).in_features
         groups = getattr(module, "num_key_value_groups", None)
         if q % dim or k % dim or k != v or o != q or (q // dim) % (k // dim) or \
                 (groups is not None and groups != (q // dim) // (k // dim)):
             return None
-        return HeadLayout(name, family, p("q_proj"), p("k_proj"), p("v_proj"), p("o_proj"), q // dim, k // dim, dim)
+        return HeadLayout(name, family, p("q_proj"), p("k_proj"), p("v_proj"), p(out), q // dim, k // dim, dim)
     if family == "bert":
         dim, heads = module.attention_head_size, module.num_attention_heads
         out = getattr(getattr(parent, "output", None), "dense", None)
@@ -276,7 +286,8 @@ def sync_heads(module: nn.Module) -> None:
     elif family == "separate":
         dim, q, k = module.head_dim, module.q_proj.out_features, module.k_proj.out_features
         _check(q % dim == 0 and k % dim == 0 and k > 0 and (q // dim) % (k // dim) == 0
-               and module.v_proj.out_features == k and module.o_proj.in_features == q, module)
+               and module.v_proj.out_features == k and getattr(module, _separate_out(module)).in_features == q,
+               module)
         for attr, value in (("num_key_value_groups", q // k), ("num_heads", q // dim),
                             ("num_attention_heads", q // dim), ("num_key_value_heads", k // dim)):
             if _int(getattr(module, attr, None)):

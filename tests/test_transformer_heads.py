@@ -11,7 +11,7 @@
    the original model's with the removed heads' and neurons' weights zeroed (rotary stays valid).
 3. Round trips of the config: ``save_pretrained``/``from_pretrained`` after a uniform cut,
    ``pyobc.save``/``pyobc.load`` and ``config.pyobc_layer_widths`` after a non-uniform one.
-4. GPT-2, BERT, Qwen2, Qwen3 and Mistral.
+4. GPT-2, BERT, Qwen2, Qwen3, Mistral, Gemma and Phi.
 5. Bad input.
 
 Hugging Face's ``LlamaRMSNorm`` computes in float32 whatever the input dtype, which limits any float64
@@ -328,9 +328,12 @@ def _parts(model: nn.Module, family: str, layer: int) -> dict[str, tuple[list[to
         blk = model.model.layers[layer]
         a, m = blk.self_attn, blk.mlp
         bias = (lambda lin: [lin.bias] if lin.bias is not None else [])
-        return {"q": ([a.q_proj.weight] + bias(a.q_proj), D), "o": ([a.o_proj.weight.t()], D),
+        o = getattr(a, "o_proj", None) or a.dense  # Phi: dense, and an fc1/fc2 MLP with biases
+        ff_in, ff_out = ([m.gate_proj, m.up_proj], m.down_proj) if hasattr(m, "gate_proj") else ([m.fc1], m.fc2)
+        return {"q": ([a.q_proj.weight] + bias(a.q_proj), D), "o": ([o.weight.t()], D),
                 "kv": ([a.k_proj.weight, a.v_proj.weight] + bias(a.k_proj) + bias(a.v_proj), D),
-                "ff_in": ([m.gate_proj.weight, m.up_proj.weight], 1), "ff_out": ([m.down_proj.weight.t()], 1)}
+                "ff_in": ([lin.weight for lin in ff_in] + [b for lin in ff_in for b in bias(lin)], 1),
+                "ff_out": ([ff_out.weight.t()], 1)}
     if family == "gpt2":  # Conv1D weights are (in, out): [q | k | v] columns of c_attn
         blk = model.transformer.h[layer]
         w, b, width = blk.attn.c_attn.weight.t(), blk.attn.c_attn.bias, blk.attn.c_proj.weight.shape[0]
@@ -532,6 +535,11 @@ ARCHS = {
                                                                            head_dim=D)), "separate", 1e-5),
     "mistral": (lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**_TEXT, num_key_value_heads=KV,
                                                                                  head_dim=D)), "separate", 1e-5),
+    "gemma": (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**_TEXT, num_key_value_heads=KV,
+                                                                           head_dim=D)), "separate", 1e-5),
+    # Phi: the output projection is ``dense``, attention and MLP run in parallel off one LayerNorm
+    "phi": (lambda: transformers.PhiForCausalLM(transformers.PhiConfig(**_TEXT, num_key_value_heads=KV)),
+            "separate", 1e-10),
 }
 
 
@@ -540,7 +548,8 @@ def _widths(model: nn.Module, family: str) -> tuple[list, dict]:
     cfg = model.config
     if family == "separate":
         mods = [(b.self_attn.q_proj.out_features // D, b.self_attn.k_proj.out_features // D,
-                 b.self_attn.num_key_value_groups, b.mlp.down_proj.in_features) for b in model.model.layers]
+                 b.self_attn.num_key_value_groups, (getattr(b.mlp, "down_proj", None) or b.mlp.fc2).in_features)
+                for b in model.model.layers]
         return mods, {"q": cfg.num_attention_heads, "kv": cfg.num_key_value_heads, "ff": cfg.intermediate_size}
     if family == "gpt2":
         mods = [(b.attn.c_proj.weight.shape[0] // D, b.attn.num_heads, b.attn.split_size // D,
@@ -552,7 +561,7 @@ def _widths(model: nn.Module, family: str) -> tuple[list, dict]:
 
 
 @pytest.mark.parametrize("name,heads",
-                         [(a, "kv") for a in ARCHS] + [(a, "query") for a in ("qwen2", "qwen3", "mistral")])
+                         [(a, "kv") for a in ARCHS] + [(a, "query") for a in ("qwen2", "qwen3", "mistral", "gemma", "phi")])
 def test_other_architectures_lose_whole_heads(name, heads):
     make, family, tol = ARCHS[name]
     torch.manual_seed(0)

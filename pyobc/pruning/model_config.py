@@ -34,7 +34,8 @@ __all__ = ["mlp_widths", "sync_config"]
 
 def mlp_widths(model: nn.Module) -> list[int]:
     """The hidden width of every transformer MLP pyobc recognises (gated ``gate_proj``/``up_proj``/
-    ``down_proj``, GPT-2's ``c_fc``/``c_proj``, BERT's ``intermediate.dense``), in module order.
+    ``down_proj``, GPT-2's ``c_fc``/``c_proj``, BERT's ``intermediate.dense``, an ``mlp`` of ``fc1``/``fc2``
+    as in Phi), in module order.
 
     Example:
         >>> import torch.nn as nn
@@ -52,6 +53,9 @@ def mlp_widths(model: nn.Module) -> list[int]:
             out.append(int(kids["c_fc"].weight.shape[1]))
         elif name.rpartition(".")[2] == "intermediate" and type(kids.get("dense")) is nn.Linear:
             out.append(kids["dense"].out_features)
+        elif name.rpartition(".")[2] == "mlp" and type(kids.get("fc1")) is nn.Linear \
+                and type(kids.get("fc2")) is nn.Linear:  # Phi, CLIP
+            out.append(kids["fc2"].in_features)
     return out
 
 
