@@ -256,6 +256,27 @@ def _other_width_params(module: nn.Module, layout: HeadLayout) -> list[str]:
             if not n.startswith(projections) and any(d in widths for d in p.shape)]
 
 
+#: int attributes of a submodule that say it holds one part per head
+_PER_HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "n_heads", "n_head")
+
+
+def _per_head_submodules(module: nn.Module, layout: HeadLayout) -> list[str]:
+    """Submodules of the attention module, outside its projections, that hold one part per head (StableLM's
+    per-head LayerNorms with ``qk_layernorm``: a list of ``num_heads`` norms applied in head order). They
+    would not follow a cut: the kept heads would meet the first heads' parts."""
+    counts = {layout.num_heads, layout.num_kv_heads} - {1}
+    prefix = f"{layout.module}." if layout.module else ""
+    projections = tuple(n[len(prefix):] for n in {layout.q, layout.k, layout.v, layout.out} if n.startswith(prefix))
+    out = []
+    for name, sub in module.named_modules():
+        if not name or name.startswith(projections):
+            continue
+        listed = isinstance(sub, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and len(sub) in counts
+        if listed or any(getattr(sub, a, None) in counts and _int(getattr(sub, a)) for a in _PER_HEAD_COUNTS):
+            out.append(name)
+    return out
+
+
 def head_layouts(model: nn.Module) -> list[HeadLayout]:
     """The :class:`HeadLayout` of every attention module of ``model`` whose whole heads pyobc can prune.
 
@@ -270,7 +291,8 @@ def head_layouts(model: nn.Module) -> list[HeadLayout]:
         if head_family(module) is None or not is_attention_module(module):
             continue
         layout = _layout(name, module, modules.get(name.rpartition(".")[0]) if name else None)
-        if layout is not None and not _other_width_params(module, layout):
+        if layout is not None and not _other_width_params(module, layout) \
+                and not _per_head_submodules(module, layout):
             out.append(layout)
     return out
 

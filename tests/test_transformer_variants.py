@@ -1,5 +1,6 @@
 """Decoder variants beyond the Llama layout: fused gate/up MLPs (Phi-3), attention with a norm over the
-whole query vector (OLMo-2), and the models whose hidden width pyobc refuses to cut (Gemma).
+whole query vector (OLMo-2) or one norm per head (StableLM), and the models whose hidden width pyobc refuses
+to cut (Gemma).
 
 Every cut is compared with the unpruned model whose removed neurons are zeroed by hand.
 """
@@ -64,3 +65,41 @@ def test_gemma_heads_are_cut_but_not_its_hidden_width():
     assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
     with pytest.raises(ValueError, match="model_type='gemma'"):
         pyobc.score(model, [_ids()], "jacobian", hidden=True)
+
+
+@pytest.mark.parametrize("qk_layernorm", [False, True])
+def test_stablelm_per_head_norms_keep_their_heads(qk_layernorm):
+    """StableLM's ``qk_layernorm`` applies a list of one LayerNorm per head in head order: a head cut would
+    hand the kept heads the first heads' norms (silently wrong outputs), so those attentions keep their
+    heads, with a warning. Without it, whole heads go as in Llama."""
+    torch.manual_seed(0)
+    model = transformers.StableLmForCausalLM(transformers.StableLmConfig(**SMALL, qk_layernorm=qk_layernorm)).eval()
+    with torch.no_grad():  # per-head norms that differ, so that a mix-up shows
+        for name, p in model.named_parameters():
+            if "norms" in name:
+                p.uniform_(0.5, 1.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = pyobc.score(model, [_ids()], "jacobian")
+    heads = [g for g in scores.groups if any(m.kind == "heads" for m in g.members)]
+    assert len(heads) == (0 if qk_layernorm else 2)
+    assert any("self_attn" in str(w.message) for w in caught) == qk_layernorm
+    # every head group loses its lowest-scoring kv head, the MLPs half their neurons: compare with zeroing
+    small, _ = pyobc.prune(model, scores, 0.5, scope="local", target="channels", example_inputs=_ids())
+    ref = copy.deepcopy(model)
+    d = model.model.layers[0].self_attn.head_dim
+    with torch.no_grad():
+        for old, new in zip(ref.model.layers, small.model.layers):
+            a, b = old.self_attn, new.self_attn
+            kept_kv = [i for i in range(a.k_proj.out_features // d)
+                       if any(torch.equal(a.k_proj.weight[i * d:(i + 1) * d], b.k_proj.weight[j * d:(j + 1) * d])
+                              for j in range(b.k_proj.out_features // d))]
+            per = a.num_key_value_groups
+            for kv in set(range(a.k_proj.out_features // d)) - set(kept_kv):
+                a.o_proj.weight[:, kv * per * d:(kv + 1) * per * d] = 0
+            kept_ff = [i for i in range(old.mlp.up_proj.out_features)
+                       if any(torch.equal(old.mlp.up_proj.weight[i], r) for r in new.mlp.up_proj.weight)]
+            gone = sorted(set(range(old.mlp.up_proj.out_features)) - set(kept_ff))
+            old.mlp.down_proj.weight[:, gone] = 0
+    assert small.model.layers[0].mlp.up_proj.out_features == SMALL["intermediate_size"] // 2
+    torch.testing.assert_close(small(_ids(1)).logits, ref(_ids(1)).logits)
