@@ -431,7 +431,30 @@ def _build(model: nn.Module, example_inputs: Any, ignored: set[int], forward_fn:
         raise ValueError(
             f"{type(model).__name__} has no prunable layer: pyobc prunes the out-channels of conv and "
             "linear layers that do not produce the model's output" + converter.summary())
-    return tuple(groups), frozenset(seen), converter.message()
+    message, ungrouped = converter.message(), _ungrouped_tensors(model, groups)
+    if ungrouped:
+        message = f"{message}; {ungrouped}" if message else f"pyobc: {ungrouped}"
+    return tuple(groups), frozenset(seen), message
+
+
+def _ungrouped_tensors(model: nn.Module, groups: Sequence[Group]) -> str:
+    """A warning (without its "pyobc: " prefix) for the parameters of three or more dims outside convolutions
+    that no group touches (not position embeddings or class tokens: their first dim is 1), when
+    they hold at least 1% of the model's parameters ('' else): Mixture-of-Experts layers of transformers 5
+    keep their experts as one 3-d tensor per projection (``experts.gate_up_proj``: experts x rows x cols),
+    which the tracer does not split into structures, so they stay whole without any other message."""
+    grouped = {s.param for g in groups for m in g.members for s in m.slices}
+    owners = {f"{n}.{k}" if n else k: m for n, m in model.named_modules() for k, _ in m.named_parameters(recurse=False)}
+    total = sum(p.numel() for p in model.parameters())
+    left = {n: p.numel() for n, p in model.named_parameters()
+            if p.dim() >= 3 and p.shape[0] > 1 and n not in grouped and not isinstance(owners.get(n), CONV)}
+    if not left or sum(left.values()) < 0.01 * total:
+        return ""
+    names = sorted(left)
+    return (f"{len(left)} parameter(s) of three or more dims, {100 * sum(left.values()) / total:.0f}% of the "
+            "model's parameters, are in no prunable group: they stay whole, and MAC counts leave out their "
+            "arithmetic (e.g. Mixture-of-Experts weights stored as one tensor per projection): "
+            + ", ".join(names[:6]) + (", ..." if len(names) > 6 else ""))
 
 
 def _ignored_ids(model: nn.Module, ignored_layers: Sequence[nn.Module | str]) -> set[int]:

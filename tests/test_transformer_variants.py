@@ -103,3 +103,16 @@ def test_stablelm_per_head_norms_keep_their_heads(qk_layernorm):
             old.mlp.down_proj.weight[:, gone] = 0
     assert small.model.layers[0].mlp.up_proj.out_features == SMALL["intermediate_size"] // 2
     torch.testing.assert_close(small(_ids(1)).logits, ref(_ids(1)).logits)
+
+
+def test_mixture_of_experts_weights_stay_whole_with_a_warning():
+    """transformers 5 keeps a MoE layer's experts as one 3-d tensor per projection: no structure of theirs is
+    found, and the user is told so (they hold most of the model), while the attention heads are still cut."""
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**SMALL)).float().eval()
+    with pytest.warns(UserWarning, match=r"no prunable group.*experts\.(gate_up|down)_proj"):
+        scores = pyobc.score(model, [_ids()], "taylor")
+    assert scores.groups and all("experts" not in s.param for g in scores.groups for m in g.members
+                                 for s in m.slices)
+    small, _ = pyobc.prune(model, scores, 0.5, scope="local", target="channels", example_inputs=_ids())
+    assert small.config.num_key_value_heads == 1 and small(_ids(1)).logits.shape == (2, 7, 64)
