@@ -49,9 +49,10 @@ HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "hea
                    "attention_head_size", "num_key_value_heads", "num_key_value_groups", "key_dim", "embed_dim")
 #: child names of query / key / value projections (fused or separate)
 QKV_NAMES = frozenset({"qkv", "qkv_proj", "c_attn", "in_proj", "Wqkv", "q", "k", "v", "kv", "q_proj", "k_proj",
-                       "v_proj", "kv_proj", "query", "key", "value"})
+                       "v_proj", "kv_proj", "query", "key", "value", "query_key_value", "wq", "wk", "wv",
+                       "to_q", "to_k", "to_v", "to_kv", "to_qkv"})
 #: child names of output projections
-OUT_NAMES = frozenset({"proj", "o_proj", "out_proj", "c_proj", "o", "dense"})
+OUT_NAMES = frozenset({"proj", "o_proj", "out_proj", "c_proj", "o", "dense", "wo", "to_out"})
 
 
 #: integer attributes that carry a model's embedding width (torchvision's VisionTransformer reshapes its
@@ -272,7 +273,7 @@ def _per_head_submodules(module: nn.Module, layout: HeadLayout) -> list[str]:
         if not name or name.startswith(projections):
             continue
         listed = isinstance(sub, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and len(sub) in counts
-        if listed or any(getattr(sub, a, None) in counts and _int(getattr(sub, a)) for a in _PER_HEAD_COUNTS):
+        if listed or any(_int(getattr(sub, a, None)) and getattr(sub, a) in counts for a in _PER_HEAD_COUNTS):
             out.append(name)
     return out
 
@@ -352,8 +353,8 @@ def int_width_layers(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):  # pyobc cuts it and updates its embed_dim
             continue
-        widths = {getattr(module, a, None) for a in WIDTH_ATTRIBUTES} - {None}
-        widths = {w for w in widths if _int(w)}
+        # only ints: a model may keep lists here (CrossViT's embed_dim, one per branch)
+        widths = {w for w in (getattr(module, a, None) for a in WIDTH_ATTRIBUTES) if _int(w)}
         if not widths:
             continue
         for child_name, child in module.named_children():
