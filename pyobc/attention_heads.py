@@ -13,9 +13,11 @@ Whole heads are pruned where pyobc knows the layout (:func:`head_layouts`, one :
 module, see :func:`head_family`): timm's fused ``Attention`` (``qkv``/``proj``, ``num_heads``, ``head_dim``,
 ``attn_dim``); Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma / Phi (``q_proj``, ``k_proj``, ``v_proj``,
 ``o_proj`` or Phi's ``dense``, ``head_dim``, grouped-query attention through ``num_key_value_groups``); BERT
-(``query``/``key``/``value`` and the sibling ``output.dense``); GPT-2 (``Conv1D`` ``c_attn``/``c_proj``, ``split_size``). Those modules get a
-group whose channels are whole heads (:func:`pyobc.grouping.build_groups`), and :func:`sync_heads` sets
-their head attributes from the cut widths; ``head_dim`` never changes, so rotary embeddings stay valid.
+(``query``/``key``/``value`` and the sibling ``output.dense``); GPT-2 (``Conv1D`` ``c_attn``/``c_proj``,
+``split_size``). Those modules get a group whose channels are whole heads
+(:func:`pyobc.grouping.build_groups`), and :func:`sync_heads` sets their head attributes from the cut widths;
+``head_dim`` never changes, so rotary embeddings stay valid. Modules with parts per head outside their
+projections (OLMo-2's norm over all query heads, StableLM's list of per-head norms) keep their heads.
 
 A module is an attention module here when it is not ``nn.MultiheadAttention``, has a positive ``int``
 attribute naming a head count or width (:data:`HEAD_ATTRIBUTES`), and has a child named like a query /
@@ -112,8 +114,8 @@ class HeadLayout:
     whose input columns hold the query heads. Query head ``h`` uses key/value head ``h // (num_heads //
     num_kv_heads)`` (grouped-query attention; ``num_kv_heads == num_heads`` without it). ``family`` says
     which module attributes follow a cut (:func:`sync_heads`): ``fused`` (timm's ``Attention``),
-    ``separate`` (Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi... ``q_proj``...``o_proj``/``dense``), ``bert``
-    (``query``/``key``/``value``, with the output projection in the sibling ``output.dense``), ``gpt2``
+    ``separate`` (Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi... ``q_proj``...``o_proj``/``dense``),
+    ``bert`` (``query``/``key``/``value``, with the output projection in the sibling ``output.dense``), ``gpt2``
     (``Conv1D`` ``c_attn``/``c_proj``).
     """
 

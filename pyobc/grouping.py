@@ -444,7 +444,8 @@ def _ungrouped_tensors(model: nn.Module, groups: Sequence[Group]) -> str:
     keep their experts as one 3-d tensor per projection (``experts.gate_up_proj``: experts x rows x cols),
     which the tracer does not split into structures, so they stay whole without any other message."""
     grouped = {s.param for g in groups for m in g.members for s in m.slices}
-    owners = {f"{n}.{k}" if n else k: m for n, m in model.named_modules() for k, _ in m.named_parameters(recurse=False)}
+    owners = {f"{n}.{k}" if n else k: m for n, m in model.named_modules()
+              for k, _ in m.named_parameters(recurse=False)}
     total = sum(p.numel() for p in model.parameters())
     left = {n: p.numel() for n, p in model.named_parameters()
             if p.dim() >= 3 and p.shape[0] > 1 and n not in grouped and not isinstance(owners.get(n), CONV)}
