@@ -248,13 +248,18 @@ def _layout(name: str, module: nn.Module, parent: nn.Module | None) -> HeadLayou
     return None
 
 
+def _projection_prefixes(layout: HeadLayout) -> tuple[str, ...]:
+    """``"<child>."`` for each projection inside the attention module (names relative to it); BERT's output
+    projection is a sibling and not among them."""
+    prefix = f"{layout.module}." if layout.module else ""
+    return tuple(n[len(prefix):] + "." for n in {layout.q, layout.k, layout.v, layout.out} if n.startswith(prefix))
+
+
 def _other_width_params(module: nn.Module, layout: HeadLayout) -> list[str]:
     """Parameters of the attention module outside its projections with a dimension as wide as all query or
     all key/value heads (OLMo-2 normalises the whole query vector): they would not follow a cut."""
     widths = {layout.num_heads * layout.head_dim, layout.num_kv_heads * layout.head_dim} - {layout.head_dim}
-    prefix = f"{layout.module}." if layout.module else ""
-    projections = tuple(n[len(prefix):] + "." for n in {layout.q, layout.k, layout.v, layout.out}
-                        if n.startswith(prefix))
+    projections = _projection_prefixes(layout)
     return [n for n, p in module.named_parameters()
             if not n.startswith(projections) and any(d in widths for d in p.shape)]
 
@@ -268,11 +273,10 @@ def _per_head_submodules(module: nn.Module, layout: HeadLayout) -> list[str]:
     per-head LayerNorms with ``qk_layernorm``: a list of ``num_heads`` norms applied in head order). They
     would not follow a cut: the kept heads would meet the first heads' parts."""
     counts = {layout.num_heads, layout.num_kv_heads} - {1}
-    prefix = f"{layout.module}." if layout.module else ""
-    projections = tuple(n[len(prefix):] for n in {layout.q, layout.k, layout.v, layout.out} if n.startswith(prefix))
+    projections = _projection_prefixes(layout)
     out = []
     for name, sub in module.named_modules():
-        if not name or name.startswith(projections):
+        if not name or f"{name}.".startswith(projections):
             continue
         listed = isinstance(sub, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and len(sub) in counts
         if listed or any(_int(getattr(sub, a, None)) and getattr(sub, a) in counts for a in _PER_HEAD_COUNTS):

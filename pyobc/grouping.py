@@ -444,11 +444,10 @@ def _ungrouped_tensors(model: nn.Module, groups: Sequence[Group]) -> str:
     keep their experts as one 3-d tensor per projection (``experts.gate_up_proj``: experts x rows x cols),
     which the tracer does not split into structures, so they stay whole without any other message."""
     grouped = {s.param for g in groups for m in g.members for s in m.slices}
-    owners = {f"{n}.{k}" if n else k: m for n, m in model.named_modules()
-              for k, _ in m.named_parameters(recurse=False)}
     total = sum(p.numel() for p in model.parameters())
-    left = {n: p.numel() for n, p in model.named_parameters()
-            if p.dim() >= 3 and p.shape[0] > 1 and n not in grouped and not isinstance(owners.get(n), CONV)}
+    left = {f"{name}.{k}" if name else k: p.numel() for name, m in model.named_modules() if not isinstance(m, CONV)
+            for k, p in m.named_parameters(recurse=False)
+            if p.dim() >= 3 and p.shape[0] > 1 and (f"{name}.{k}" if name else k) not in grouped}
     if not left or sum(left.values()) < 0.01 * total:
         return ""
     names = sorted(left)

@@ -114,7 +114,7 @@ def channel_scale(x: torch.Tensor, scale: torch.Tensor, dim: int, per_sample: bo
 #: 2.77 / 1.95 ms with 1 MiB chunks of everything, 2.14 / 1.87 / 1.15 with 16 MiB; a 64-channel conv on
 #: 8x8 maps (147 KB of gradient a sample) took 5.3 ms with 1 MiB chunks, 9.8 with 16 MiB
 #: (bench/RESULTS.md, issue #15)
-SQ_GRAD_CHUNK_BYTES = 2**20
+SQ_GRAD_CHUNK_BYTES = 2**20  # one core's L2, as pyobc.scoring.per_sample.L2_BYTES
 SQ_CHUNK_BYTES = 16 * 2**20
 
 

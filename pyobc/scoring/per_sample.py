@@ -35,7 +35,7 @@ MEMORY_BUDGET = 256 * 2**20
 #: a conv/linear layer whose sample (weight gradient, input and output gradient) takes more than half of
 #: this, one core's L2 cache on the EPYC hosts we measure on, has "large samples": the path choices below
 #: were measured with it (:func:`_large_samples`)
-L2_BYTES = 2**20
+L2_BYTES = ops.reference.SQ_GRAD_CHUNK_BYTES  # the same measured size
 
 #: 2-D convs (groups 1, one call) with at most this many output positions per sample, or with large samples
 #: (:data:`L2_BYTES`), on CPU, get their squared sums from :func:`pyobc.ops.conv2d_sq_grad_sums`
